@@ -1,0 +1,60 @@
+"""Reward-model losses. Each returns one loss per sample (or pair); the caller reduces.
+
+Per-sample losses let the engine reduce by the *global* batch size (sum of per-sample losses
+divided by the number of samples in the optimizer step), which makes 1 process, DDP and FSDP2
+and any micro-batch / accumulation split give the same gradient.
+
+References: NeMo-Aligner `megatron_gpt_regression_reward_model.py` (af2b3bd9) `reg_loss_func`
+and `bt_loss_func`; HelpSteer2-Preference (arXiv 2410.01257) §3 for scaled BT.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("mse", "bt", "margin_bt", "scaled_bt")
+PAIR_LOSSES = ("bt", "margin_bt", "scaled_bt")
+
+
+def masked_mse(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error over the attributes that sample annotates.
+
+        loss_i = Σ_k m_ik (ŷ_ik − y_ik)² / Σ_k m_ik
+
+    pred, labels: (B, K) float; mask: (B, K) bool, False where the attribute is missing (its head
+    gets no gradient from that sample). Unlike NeMo-Aligner, which averages over all present entries
+    of the micro-batch, every *sample* weighs the same whatever number of attributes it carries,
+    so a 5-label HelpSteer2 row does not outweigh a 4-label OASST row by its label count.
+    Returns (B,). A sample with no annotated attribute is an error (it would train nothing).
+    """
+    mask = mask.to(pred.dtype)
+    n = mask.sum(dim=1)
+    if bool((n == 0).any()):
+        raise ValueError("masked_mse: a sample has no annotated attribute")
+    sq = (pred - labels.to(pred.dtype)).pow(2) * mask
+    return sq.sum(dim=1) / n
+
+
+def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, strength: torch.Tensor,
+                  variant: str = "bt") -> torch.Tensor:
+    """Per-pair Bradley-Terry losses on scalar rewards r (B,) with preference strength m >= 0 (B,).
+
+        bt:         −log σ(r_c − r_r)
+        margin_bt:  −log σ(r_c − r_r − m)
+        scaled_bt:  m · (−log σ(r_c − r_r))      (HelpSteer2-Preference's "Scaled BT")
+    """
+    delta = r_chosen.float() - r_rejected.float()
+    strength = strength.to(delta.dtype)
+    if variant == "bt":
+        return -F.logsigmoid(delta)
+    if variant == "margin_bt":
+        return -F.logsigmoid(delta - strength)
+    if variant == "scaled_bt":
+        return strength * -F.logsigmoid(delta)
+    raise ValueError(f"unknown pair loss {variant!r}; choose one of {PAIR_LOSSES}")
+
+
+def scalarize(pred: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B, K) attribute predictions · (K,) weights -> (B,) scalar reward."""
+    return pred @ weights.to(pred.dtype)

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny random Llama (made once per session) and a CLI runner for recipes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_llama")
+    _load_script("make_tiny_model").make_tiny_model(out)
+    return out
+
+
+def run_recipe(recipe: str, *overrides: str, torchrun: int = 0, env: dict | None = None, check: bool = True,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run recipes/<recipe>.py through its real CLI (optionally under torchrun) from the repo root."""
+    script = str(REPO / "recipes" / f"{recipe}.py")
+    if torchrun:
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun), script]
+    else:
+        cmd = [PY, script]
+    proc = subprocess.run(cmd + list(overrides), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{recipe} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def tiny_reward_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A few-second reward run on the tiny model: fp32, small batches, no checkpoints unless asked."""
+    return [f"model.path={model_dir}", "model.freeze_backbone=false", f"run_dir={run_dir}",
+            "engine.precision=fp32", "train.max_steps=4", "train.global_batch_size=8",
+            "train.micro_batch_size=2", "train.save_every=0", "eval.val_fraction=0.1", *extra]

@@ -1,0 +1,150 @@
+"""Stage 1 end to end through the real CLI on a tiny model: export, HF reload, resume, distributed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import PY, REPO, run_recipe, tiny_reward_overrides
+from steerlm.logging import read_metrics
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
+
+
+def test_hf_automodel_reproduces_steerlm_predictions(tiny_model_dir, tmp_path):
+    """The exported RM loads in plain transformers and predicts what steerlm predicts."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from steerlm.attributes import AttributeSchema
+    from steerlm.data.batching import pad_token_batch
+    from steerlm.models.reward_model import load_reward_model
+    from steerlm.templates import tokenize_rm_input
+
+    run_dir = tmp_path / "rm"
+    run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, run_dir))
+    model_dir = run_dir / "model"
+    schema = AttributeSchema.load(model_dir)
+    card = json.loads((model_dir / "steerlm_reward.json").read_text())
+    assert schema.name == "steerlm9" and card["template"] == "nemo"
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    convs = [[{"role": "user", "content": "Why is the sky blue?"}, {"role": "assistant", "content": "Rayleigh scattering."}],
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! How can I help you today, friend?"}]]
+    seqs = [tokenize_rm_input("nemo", tok, None, c) for c in convs]
+    hf = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    assert hf.config.num_labels == 9 and hf.config.problem_type == "regression"
+    assert [hf.config.id2label[i] for i in range(9)] == list(schema.attributes)
+    ours = load_reward_model(str(model_dir), schema, pad_token_id=tok.pad_token_id, require_rm=True).eval()
+    for side in ("right", "left"):
+        ids, mask = pad_token_batch(seqs, tok.pad_token_id, padding_side=side)
+        with torch.no_grad():
+            expected = hf(input_ids=ids, attention_mask=mask).logits
+            got = ours(ids, mask)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # the head actually moved away from its init: predictions differ between the two inputs
+    assert not torch.allclose(got[0], got[1])
+
+
+def test_ddp_and_fsdp2_match_single_process(tiny_model_dir, tmp_path):
+    """Same global batch, fp32: the loss curve under torchrun x2 equals the single-process one."""
+    base = tiny_reward_overrides(tiny_model_dir, tmp_path / "single", "train.max_steps=5")
+    run_recipe("train_reward", *base)
+    ref = losses(tmp_path / "single")
+    assert len(ref) == 5
+    for strategy in ("ddp", "fsdp2"):
+        out = tmp_path / strategy
+        run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, out, "train.max_steps=5",
+                                                          f"engine.strategy={strategy}"), torchrun=2)
+        torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(ref), rtol=1e-5, atol=1e-6)
+        a = load_file(str(out / "model" / "model.safetensors"))
+        b = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batch_split_does_not_change_the_step(tiny_model_dir, tmp_path):
+    """micro 1 x accumulation 8 == micro 8 x accumulation 1 (loss reduced by the global batch)."""
+    run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "a", "train.micro_batch_size=1"))
+    run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "b", "train.micro_batch_size=8"))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "a")), torch.tensor(losses(tmp_path / "b")),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_weights(tiny_model_dir, tmp_path):
+    steps = ["train.max_steps=40", "train.save_every=2", "train.global_batch_size=4"]
+    run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "full", *steps))
+
+    killed = tmp_path / "killed"
+    cmd = [PY, str(REPO / "recipes/train_reward.py"), *tiny_reward_overrides(tiny_model_dir, killed, *steps)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "step_00000006":
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "model").exists()
+
+    run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, killed, *steps, "resume=auto"))
+    a = load_file(str(killed / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    # the metrics log holds every step once from the uninterrupted part and the resumed part
+    steps_logged = [r["step"] for r in read_metrics(killed / "metrics.jsonl") if "train/loss" in r]
+    assert steps_logged[-1] == 40 and set(range(1, 41)) <= set(steps_logged)
+
+
+def test_frozen_backbone_trains_only_the_head_and_reuses_its_feature_cache(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "frozen"
+    over = [f"model.path={tiny_model_dir}", f"run_dir={run_dir}", "engine.precision=fp32", "model.freeze_backbone=true",
+            "train.epochs=3", "train.global_batch_size=32", "optim.lr=1e-2", "eval.val_fraction=0.2",
+            "max_length=256"]
+    run_recipe("train_reward", *over)
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    got = load_file(str(run_dir / "model" / "model.safetensors"))
+    for k, v in got.items():
+        if k == "score.weight":
+            assert v.abs().sum() > 0
+        else:
+            torch.testing.assert_close(v, base[k], rtol=0, atol=0)
+    assert (run_dir / "cache" / "features.safetensors").exists()
+    again = run_recipe("train_reward", *over, f"run_dir={run_dir}", "resume=never")
+    assert "feature cache: reusing" in again.stdout
+
+
+def test_schema_mismatch_between_checkpoint_and_run_is_an_error(tiny_model_dir, tmp_path):
+    run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "rm"))
+    proc = run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "again"),
+                      f"model.path={tmp_path / 'rm' / 'model'}", "schema=helpsteer2", check=False)
+    assert proc.returncode != 0
+    assert "attribute schema mismatch" in proc.stderr and "steerlm9" in proc.stderr
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_over_length_policy(tiny_model_dir, tmp_path, policy):
+    proc = run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / policy),
+                      "max_length=300", f"over_length={policy}", check=False)
+    if policy == "error":
+        assert proc.returncode != 0
+        assert "> max_length 300" in proc.stderr and "sample" in proc.stderr
+        assert not (tmp_path / policy / "model").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        summary = json.loads((tmp_path / policy / "summary.json").read_text())
+        assert summary["data"]["train"]["skipped"]["over_length"] > 0
