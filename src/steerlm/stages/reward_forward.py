@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..data.batching import pad_token_batch
 from ..engines import torch_engine as te
 from ..logging import print0
+from ..models.embedded import resolve_model_path
 
 
 class RewardForward:
@@ -122,8 +123,13 @@ class FeatureCache:
 
 
 def _fingerprint(cfg, flat: list[dict]) -> str:
+    """Same model weights, precision and token ids -> same features."""
     h = hashlib.sha256()
     h.update(json.dumps([str(cfg.model.path), cfg.model.dtype, cfg.engine.precision, cfg.template]).encode())
+    model_dir = Path(resolve_model_path(str(cfg.model.path)))
+    for f in sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     for x in flat:
         h.update(x["id"].encode())
         h.update(np.asarray(x["ids"], dtype=np.int64).tobytes())
