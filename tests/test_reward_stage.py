@@ -148,3 +148,41 @@ def test_over_length_policy(tiny_model_dir, tmp_path, policy):
         assert proc.returncode == 0, proc.stderr[-2000:]
         summary = json.loads((tmp_path / policy / "summary.json").read_text())
         assert summary["data"]["train"]["skipped"]["over_length"] > 0
+
+
+def test_scaled_bt_from_a_stage1_rm_on_preference_pairs(tiny_model_dir, tmp_path):
+    """HelpSteer2-Preference chain: regression RM -> scaled BT on pairs; pairs stay intact, loss goes down."""
+    run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "rm"))
+    pairs = "data.pairs=[{format: oasst, path: data/oasst1/oasst1_validation_en.messages.jsonl.gz}]"
+    out = tmp_path / "bt"
+    run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, out), f"model.path={tmp_path / 'rm' / 'model'}",
+               "loss.type=scaled_bt", pairs, "loss.pair_weights={quality: 1.0}", "train.max_steps=12",
+               "optim.lr=1e-3", "optim.warmup_steps=0", "max_length=512")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["train_pairs"]["kept"] > 500
+    curve = losses(out)
+    assert len(curve) == 12 and sum(curve[-4:]) < sum(curve[:4])
+    card = json.loads((out / "model" / "steerlm_reward.json").read_text())
+    assert card["loss"] == "scaled_bt" and card["trained_attributes"] == ["quality"]
+    assert card["eval"]["pairwise_accuracy"]["preference_pairs"]["pairs"] > 50
+
+
+def test_wandb_offline_logging(tiny_model_dir, tmp_path):
+    out = tmp_path / "wb"
+    run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, out, "train.max_steps=2"),
+               "logging.wandb.enabled=true", "logging.wandb.mode=offline", env={"WANDB_SILENT": "true"})
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def test_embedded_default_model_trains_a_frozen_head(tmp_path):
+    """The default config end to end on the real SmolLM2-135M (few rows to stay fast)."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "default"
+    run_recipe("train_reward", f"run_dir={out}", "max_length=512", "train.epochs=2",
+               "data.train=[{format: helpsteer2, path: data/helpsteer2/helpsteer2_train_first100.jsonl, max_rows: 12}]")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frozen_backbone"] and summary["feature_tokens_per_s"] > 0
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert hf.config.num_labels == 9 and hf.config.model_type == "llama" and hf.config.num_hidden_layers == 30

@@ -69,13 +69,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors sharing storage (tied weights): clone the repeats."""
+    """safetensors refuses tensors sharing storage (tied weights, views): clone all but the first."""
     seen, out = set(), {}
     for k, v in state.items():
         v = v.detach()
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        out[k] = v.clone().contiguous() if key in seen else v.contiguous()
-        seen.add(key)
+        storage = v.untyped_storage().data_ptr()
+        out[k] = v.clone().contiguous() if storage in seen else v.contiguous()
+        seen.add(storage)
     return out
 
 
@@ -112,8 +112,13 @@ def save_training_state(run_dir: str | os.PathLike, step: int, *, model_state: d
     root = Path(run_dir) / CHECKPOINTS
     write_text_atomic(root / LATEST, final.name)
     if keep_last > 0:
+        # prune older checkpoints; newer-numbered ones are stale leftovers of an abandoned run
         done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", ".old")))
-        for old in done[:-keep_last]:
+        older = [p for p in done if p.name < final.name]
+        stale = [p for p in done if p.name > final.name]
+        for old in older[:-(keep_last - 1)] if keep_last > 1 else older:
+            shutil.rmtree(old, ignore_errors=True)
+        for old in stale:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -51,6 +51,8 @@ def micro_batches(indices: Sequence[int], micro_batch_size: int) -> list[list[in
 def pad_token_batch(sequences: Sequence[Sequence[int]], pad_id: int, *, padding_side: str = "right",
                     pad_to_multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad to the longest sequence (rounded up to a multiple) -> (input_ids, attention_mask), (B, T)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     T = max(len(s) for s in sequences)
     T = int(math.ceil(T / pad_to_multiple_of) * pad_to_multiple_of)
     ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import ConfigError
+
 STRATEGIES = ("single", "ddp", "fsdp2")
 
 
@@ -71,11 +73,11 @@ def barrier() -> None:
 
 def resolve_strategy(strategy: str, info: DistInfo) -> str:
     if strategy not in STRATEGIES + ("auto",):
-        raise ValueError(f"unknown engine.strategy {strategy!r}; choose one of {STRATEGIES} or auto")
+        raise ConfigError(f"unknown engine.strategy {strategy!r}; choose one of {STRATEGIES} or auto")
     if strategy == "auto":
         return "ddp" if info.distributed else "single"
     if strategy == "single" and info.distributed:
-        raise ValueError(f"engine.strategy=single but WORLD_SIZE={info.world_size}; use ddp or fsdp2")
+        raise ConfigError(f"engine.strategy=single but WORLD_SIZE={info.world_size}; use ddp or fsdp2")
     return strategy
 
 
@@ -87,7 +89,7 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
         return torch.bfloat16
     if precision == "fp32":
         return None
-    raise ValueError(f"unknown engine.precision {precision!r}; choose auto, bf16 or fp32")
+    raise ConfigError(f"unknown engine.precision {precision!r}; choose auto, bf16 or fp32")
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -155,7 +157,7 @@ def build_optimizer(params: Iterable[nn.Parameter], lr: float, weight_decay: flo
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
     """Multiplier on the peak LR at a step: linear warmup, then constant or cosine to min_lr."""
     if schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown optim.schedule {schedule!r}; choose constant or cosine")
+        raise ConfigError(f"unknown optim.schedule {schedule!r}; choose constant or cosine")
 
     def f(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:

@@ -24,7 +24,7 @@ evaluate, export. Features and the config keys that control them:
 Raises:
     SchemaMismatchError: `model.path` is an RM with a different attribute schema.
     DataError: bad input rows, or an over-length sample under `over_length=error`.
-    ValueError: a pair loss without `data.pairs`; freeze_backbone with fsdp2.
+    ConfigError: a pair loss without `data.pairs`; freeze_backbone with fsdp2; unknown options.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from ..data.batching import global_batches, micro_batches, rank_slice
 from ..data.sources import load_mixture, load_preference_pairs
 from ..data.split import split_by_group
 from ..engines import torch_engine as te
+from ..errors import ConfigError, DataError
 from ..logging import MetricLogger, print0
 from ..losses import PAIR_LOSSES, bradley_terry, masked_mse, scalarize
 from ..metrics import beats_baseline, format_table, pairwise_accuracy, regression_metrics
@@ -74,9 +75,9 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     schema = get_schema(cfg.schema)
     pair_objective = cfg.loss.type in PAIR_LOSSES
     if cfg.loss.type != "mse" and not pair_objective:
-        raise ValueError(f"unknown loss.type {cfg.loss.type!r}; choose mse or one of {PAIR_LOSSES}")
+        raise ConfigError(f"unknown loss.type {cfg.loss.type!r}; choose mse or one of {PAIR_LOSSES}")
     if cfg.model.freeze_backbone and strategy == "fsdp2":
-        raise ValueError("model.freeze_backbone trains only the head: use engine.strategy=single or ddp")
+        raise ConfigError("model.freeze_backbone trains only the head: use engine.strategy=single or ddp")
 
     check_checkpoint_schema(cfg.model.path, schema)  # fail before minutes of data work
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.pad_token)
@@ -214,9 +215,9 @@ def setup_data(cfg: DictConfig, schema, tokenizer, pair_objective: bool) -> dict
     train_pairs, rep_tp = rd.tokenize_pairs(train_p, tokenizer, **kw)
     val_pairs, rep_vp = rd.tokenize_pairs(val_p, tokenizer, **kw)
     if pair_objective and not train_pairs:
-        raise ValueError(f"loss.type={cfg.loss.type} needs preference pairs: set data.pairs")
+        raise ConfigError(f"loss.type={cfg.loss.type} needs preference pairs: set data.pairs")
     if not pair_objective and not train:
-        raise ValueError("no rated training samples after loading and filtering (see the skip counts above)")
+        raise DataError(", ".join(str(x.path) for x in cfg.data.train), None, None, "no rated training samples after loading and filtering (see the skip counts above)")
     reports = {"load": load_stats, "pairs_load": pair_stats, "train": rep_train.to_dict(), "val": rep_val.to_dict(),
                "train_pairs": rep_tp.to_dict(), "val_pairs": rep_vp.to_dict(),
                "train_lengths": rd.summarize_lengths([len(s["input_ids"]) for s in train])}

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from ..attributes import AttributeSchema
 from ..data.schema import rated_samples
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..models.reward_model import check_pad_token
 from ..templates import tokenize_rm_input
 
@@ -40,7 +40,7 @@ def _check_length(n: int, max_length: int, policy: str, what: str, report: Token
         raise DataError(what, None, "length",
                         f"{n} tokens > max_length {max_length} (set over_length=skip to drop and count such samples)")
     if policy != "skip":
-        raise ValueError(f"unknown over_length policy {policy!r}; choose one of {OVER_LENGTH_POLICIES}")
+        raise ConfigError(f"unknown over_length policy {policy!r}; choose one of {OVER_LENGTH_POLICIES}")
     report.skipped["over_length"] += 1
     return False
 
