@@ -35,7 +35,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (DataError, SchemaMismatchError, ConfigError, FileNotFoundError) as e:
+        except (DataError, SchemaMismatchError, ConfigError, FileNotFoundError, FileExistsError) as e:
             if os.environ.get("STEERLM_TRACEBACK") == "1":
                 raise
             print(f"steerlm: error: {e}", file=sys.stderr, flush=True)

@@ -15,6 +15,8 @@ count}, ...} so callers can report exactly what was read and what was left out, 
 
 from __future__ import annotations
 
+import json
+
 import itertools
 import math
 import os
@@ -84,6 +86,11 @@ def _finish(stats: dict, spec: dict) -> dict:
 def _canonical_conversations(rows, schema, where) -> tuple[list, dict]:
     convs, line_of = [], {}
     for line, row in rows:
+        if "turns" not in row and isinstance(row.get("turns_json"), str):  # labeled parquet (stage 2)
+            try:
+                row = {**row, "turns": json.loads(row["turns_json"])}
+            except json.JSONDecodeError as e:
+                raise DataError(where, line, "turns_json", f"malformed JSON: {e.msg}") from None
         conv = validate_conversation(row, schema, where=where, line=line)
         if conv["id"] in line_of:
             raise DataError(where, line, "id", f"duplicate id {conv['id']!r} (first on line {line_of[conv['id']]})")

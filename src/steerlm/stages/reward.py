@@ -51,9 +51,10 @@ from ..losses import PAIR_LOSSES, bradley_terry, masked_mse, scalarize
 from ..metrics import beats_baseline, format_table, pairwise_accuracy, regression_metrics
 from ..models.reward_model import check_checkpoint_schema, load_reward_model, load_tokenizer
 from . import reward_data as rd
+from ..scoring import RM_CARD
 from .reward_forward import FeatureCache, RewardForward
 
-RM_CARD = "steerlm_reward.json"
+
 
 
 def run(cfg: DictConfig) -> dict:

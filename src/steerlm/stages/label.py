@@ -1,0 +1,217 @@
+"""Stage 2: label any chat dataset with the attribute reward model.
+
+Features and the config keys that control them:
+
+- Input (`input`): any data-layer source list (HF hub id, local jsonl/parquet, OASST, NeMo-Aligner
+  chat JSONL, canonical); labels already present are validated against the RM's schema. An input
+  that carries its own `attribute_schema.json` must match the RM's (SchemaMismatchError).
+- Output (`output_dir`, `output_format`): `labeled.jsonl` (or `.parquet`) of canonical
+  conversations where every assistant turn gets `labels` (clipped to the scale and rounded, as
+  NeMo-Aligner's annotator), `label` (the `name:value,...` string) and `scores` (raw floats). Only
+  the attributes the RM was trained on are written (`keep_human_labels=true` keeps existing human
+  values and fills only the missing attributes). Next to it: `attribute_schema.json`,
+  `summary.json`, `manifest.json`.
+- Speed (`batch_tokens`, `engine.precision`): length-sorted token-budget batches, inference mode,
+  bf16 on GPU (`scoring.RewardScorer`).
+- Sharding and resume (`chunk_size`): the input is cut into chunks of conversations in input order;
+  chunk c belongs to rank c mod world. Each finished chunk is committed as its own file (temp +
+  rename) with a checksum in its `.done` record; a rerun skips committed chunks. Batching happens
+  inside a chunk, so any number of ranks produces byte-identical chunks; rank 0 concatenates them in
+  order into the final file, atomically, and removes the parts.
+- Long inputs (`over_length`): error | skip | truncate_left, counted in the summary.
+- A complete output is never overwritten unless `overwrite=true`.
+
+Raises:
+    FileExistsError: the output exists and overwrite=false.
+    SchemaMismatchError, DataError: see above.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from ..attributes import SCHEMA_FILE, AttributeSchema
+from ..checkpoint import write_text_atomic
+from ..data.sources import load_mixture
+from ..engines import torch_engine as te
+from ..logging import print0
+from ..scoring import RewardScorer, ScoreStats
+
+MANIFEST = "manifest.json"
+
+
+def label_conversations(conversations: Sequence[dict], scorer: RewardScorer, *, keep_human_labels: bool = False,
+                        stats: Optional[ScoreStats] = None) -> list[dict]:
+    """Score every assistant turn; return new conversations with labels, label strings and raw scores.
+
+    The Python entry point of stage 2: one batched scoring call for all turns of all conversations.
+    """
+    stats = stats if stats is not None else ScoreStats()
+    requests, where = [], []
+    for c, conv in enumerate(conversations):
+        for k, turn in enumerate(conv["turns"]):
+            if turn["role"] == "assistant":
+                requests.append((conv["system"], conv["turns"][: k + 1]))
+                where.append((c, k))
+    seqs = [scorer.tokenize(s, t, f"{conversations[c]['id']} turn {k}", stats)
+            for (s, t), (c, k) in zip(requests, where)]
+    preds = scorer.score_ids(seqs, stats)
+    keep = [scorer.schema.index(a) for a in scorer.trained_attributes]
+    out = [{**conv, "turns": [dict(t) for t in conv["turns"]]} for conv in conversations]
+    lo, hi = scorer.schema.scale_min, scorer.schema.scale_max
+    for (c, k), pred in zip(where, preds):
+        turn = out[c]["turns"][k]
+        if pred is None:  # skipped (over-length): keep what the turn had, mark why
+            turn.update({"scores": None, "label": None, "label_status": "skipped_over_length"})
+            continue
+        scores = {scorer.schema.attributes[j]: round(float(pred[j]), 6) for j in keep}
+        labels = {a: float(round(min(hi, max(lo, v)))) for a, v in scores.items()}
+        if keep_human_labels and turn["labels"]:
+            labels.update(turn["labels"])  # human values win; the RM fills only the missing attributes
+        turn.update({"labels": labels, "scores": scores, "label": scorer.schema.format_label(labels)})
+    return out
+
+
+def run(cfg: DictConfig) -> dict:
+    info = te.init_distributed(cfg.engine.device)
+    try:
+        return _run(cfg, info)
+    finally:
+        te.shutdown_distributed()
+
+
+def _run(cfg: DictConfig, info: te.DistInfo) -> dict:
+    t_start = time.time()
+    out_dir = Path(cfg.output_dir)
+    output = out_dir / f"labeled.{cfg.output_format}"
+    parts = out_dir / "parts"
+    if (out_dir / MANIFEST).exists() and output.exists():
+        if not cfg.overwrite:
+            raise FileExistsError(f"{output} is complete; pass overwrite=true to label again")
+        if info.is_main:
+            for p in (output, out_dir / MANIFEST):
+                p.unlink()
+            shutil.rmtree(parts, ignore_errors=True)
+        te.barrier()
+    scorer = RewardScorer(cfg.rm, device=str(info.device), precision=cfg.engine.precision,
+                          batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, over_length=cfg.over_length)
+    specs = [OmegaConf.to_container(s, resolve=True) for s in cfg.input]
+    for spec in specs:  # a labeled input carries its schema: it must be the RM's
+        sibling = Path(str(spec.get("path", ""))).parent / SCHEMA_FILE
+        if sibling.exists():
+            AttributeSchema.load(sibling).require_same(scorer.schema, what=f"input {spec['path']}", other_what=f"RM {cfg.rm}")
+    conversations, load_stats = load_mixture(specs, scorer.schema)
+    chunks = [conversations[i:i + cfg.chunk_size] for i in range(0, len(conversations), cfg.chunk_size)]
+    fingerprint = run_fingerprint(cfg, scorer, conversations)
+    parts.mkdir(parents=True, exist_ok=True)
+    mine = [c for c in range(len(chunks)) if c % info.world_size == info.rank]
+    todo = [c for c in mine if not chunk_done(parts, c, fingerprint)]
+    print0(f"label: {len(conversations)} conversations in {len(chunks)} chunks; {len(mine) - len(todo)} of this "
+           f"rank's {len(mine)} already committed; RM trained on {scorer.trained_attributes}")
+    stats = ScoreStats()
+    bar = tqdm(total=len(todo), desc=f"label[rank {info.rank}]", disable=not info.is_main, dynamic_ncols=True)
+    for c in todo:
+        rows = label_conversations(chunks[c], scorer, keep_human_labels=cfg.keep_human_labels, stats=stats)
+        commit_chunk(parts, c, rows, fingerprint)
+        bar.update(1)
+        bar.set_postfix(rows_s=f"{stats.inputs / max(stats.seconds, 1e-9):.1f}",
+                        tok_s=f"{stats.tokens / max(stats.seconds, 1e-9):.0f}")
+    bar.close()
+    totals = te.all_reduce_sum([float(v) for v in stats.__dict__.values()], info.device)
+    te.barrier()
+    summary = None
+    if info.is_main:
+        total = ScoreStats(**{k: type(getattr(stats, k))(v) for k, v in zip(stats.__dict__, totals)})
+        summary = finalize(out_dir, output, parts, len(chunks), fingerprint, cfg, scorer, load_stats, total,
+                           t_start, info)
+    te.barrier()
+    return summary or {}
+
+
+def run_fingerprint(cfg, scorer: RewardScorer, conversations: Sequence[dict]) -> str:
+    """Same RM, settings and input -> same fingerprint; a committed chunk from another run is not reused."""
+    h = hashlib.sha256()
+    h.update(json.dumps([str(Path(cfg.rm).resolve()), scorer.template, scorer.max_length, cfg.over_length,
+                         cfg.keep_human_labels, cfg.chunk_size, cfg.batch_tokens, cfg.engine.precision]).encode())
+    for f in sorted(Path(cfg.rm).glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for conv in conversations:
+        h.update(json.dumps(conv, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _chunk_paths(parts: Path, c: int) -> tuple[Path, Path]:
+    return parts / f"chunk_{c:06d}.jsonl", parts / f"chunk_{c:06d}.done"
+
+
+def chunk_done(parts: Path, c: int, fingerprint: str) -> bool:
+    data, done = _chunk_paths(parts, c)
+    if not (data.exists() and done.exists()):
+        return False
+    rec = json.loads(done.read_text())
+    return rec["fingerprint"] == fingerprint and rec["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+
+
+def commit_chunk(parts: Path, c: int, rows: list[dict], fingerprint: str) -> None:
+    data, done = _chunk_paths(parts, c)
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    tmp = data.with_name(data.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, data)
+    write_text_atomic(done, json.dumps({"fingerprint": fingerprint, "rows": len(rows),
+                                        "sha256": hashlib.sha256(blob).hexdigest()}))
+
+
+def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_stats, total, t_start, info) -> dict:
+    """Concatenate committed chunks in order into the output (atomically), then write the records."""
+    missing = [c for c in range(n_chunks) if not chunk_done(parts, c, fingerprint)]
+    if missing:
+        raise RuntimeError(f"chunks {missing[:10]} are not committed; rerun the same command to finish them")
+    tmp = output.with_name(output.name + ".tmp")
+    if cfg.output_format == "jsonl":
+        with open(tmp, "wb") as f:
+            for c in range(n_chunks):
+                f.write(_chunk_paths(parts, c)[0].read_bytes())
+    else:
+        rows = [json.loads(line) for c in range(n_chunks) for line in _chunk_paths(parts, c)[0].read_bytes().splitlines()]
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        # turns are stored as a JSON string column: label dicts have per-row keys
+        table = pa.table({"id": [r["id"] for r in rows], "group": [r["group"] for r in rows],
+                          "system": [r["system"] for r in rows], "source": [r["source"] for r in rows],
+                          "turns_json": [json.dumps(r["turns"], ensure_ascii=False) for r in rows]})
+        pq.write_table(table, tmp)
+    os.replace(tmp, output)
+    scorer.schema.save(out_dir)
+    digest = hashlib.sha256(output.read_bytes()).hexdigest()
+    summary = {"rows": sum(json.loads(_chunk_paths(parts, c)[1].read_text())["rows"] for c in range(n_chunks)),
+               "turns_scored": total.scored, "skipped": {"over_length": total.skipped_over_length},
+               "truncated_left": total.truncated_left, "tokens": total.tokens,
+               # per rank, over the chunks this run scored (a resumed run counts only its own work)
+               "tokens_per_s_per_rank": round(total.tokens / total.seconds, 1) if total.seconds else None,
+               "turns_per_s_per_rank": round(total.inputs / total.seconds, 2) if total.seconds else None,
+               "padding_fraction": total.to_dict()["padding_fraction"], "wall_time_s": round(time.time() - t_start, 2),
+               "peak_mem_mb": round(te.peak_memory_mb(info.device), 1), "world_size": info.world_size,
+               "rm": str(cfg.rm), "trained_attributes": scorer.trained_attributes, "load": load_stats}
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / MANIFEST, json.dumps({"output": output.name, "sha256": digest,
+                                                      "fingerprint": fingerprint, "rows": summary["rows"]}) + "\n")
+    shutil.rmtree(parts, ignore_errors=True)
+    print0(f"labeled {summary['rows']} conversations ({total.scored} turns) -> {output} "
+           f"[{summary['tokens_per_s_per_rank']} tok/s per rank, skipped {total.skipped_over_length}, "
+           f"truncated {total.truncated_left}]")
+    return summary
