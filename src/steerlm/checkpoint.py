@@ -58,14 +58,19 @@ def fsync_dir(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write to `<path>.tmp`, fsync, rename: readers see the old file or the whole new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
 
 
 def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -47,6 +47,8 @@ from ..logging import print0
 from ..scoring import RewardScorer, ScoreStats
 
 MANIFEST = "manifest.json"
+# per-chunk counts kept in its .done record, so the summary describes the whole output after a resume
+CHUNK_COUNTS = ("inputs", "scored", "skipped_over_length", "truncated_left", "tokens", "padded_tokens")
 
 
 def label_conversations(conversations: Sequence[dict], scorer: RewardScorer, *, keep_human_labels: bool = False,
@@ -70,13 +72,17 @@ def label_conversations(conversations: Sequence[dict], scorer: RewardScorer, *, 
     lo, hi = scorer.schema.scale_min, scorer.schema.scale_max
     for (c, k), pred in zip(where, preds):
         turn = out[c]["turns"][k]
-        if pred is None:  # skipped (over-length): keep what the turn had, mark why
-            turn.update({"scores": None, "label": None, "label_status": "skipped_over_length"})
+        if pred is None:  # skipped (over-length): left unlabeled (human labels stay only if asked to), marked why
+            labels = dict(turn["labels"]) if keep_human_labels and turn["labels"] else None
+            turn.update({"labels": labels, "scores": None,
+                         "label": scorer.schema.format_label(labels) if labels else None,
+                         "label_status": "skipped_over_length"})
             continue
         scores = {scorer.schema.attributes[j]: round(float(pred[j]), 6) for j in keep}
         labels = {a: float(round(min(hi, max(lo, v)))) for a, v in scores.items()}
         if keep_human_labels and turn["labels"]:
             labels.update(turn["labels"])  # human values win; the RM fills only the missing attributes
+        turn.pop("label_status", None)  # a relabeled row passed in as is may carry an earlier run's status
         turn.update({"labels": labels, "scores": scores, "label": scorer.schema.format_label(labels)})
     return out
 
@@ -94,14 +100,15 @@ def _run(cfg: DictConfig, info: te.DistInfo) -> dict:
     out_dir = Path(cfg.output_dir)
     output = out_dir / f"labeled.{cfg.output_format}"
     parts = out_dir / "parts"
-    if (out_dir / MANIFEST).exists() and output.exists():
-        if not cfg.overwrite:
-            raise FileExistsError(f"{output} is complete; pass overwrite=true to label again")
-        if info.is_main:
-            for p in (output, out_dir / MANIFEST):
-                p.unlink()
-            shutil.rmtree(parts, ignore_errors=True)
-        te.barrier()
+    complete = (out_dir / MANIFEST).exists() and output.exists()
+    if complete and not cfg.overwrite:
+        raise FileExistsError(f"{output} is complete; pass overwrite=true to label again")
+    te.barrier()  # every rank has looked before rank 0 deletes (else ranks disagree on `complete` and deadlock)
+    if complete and info.is_main:
+        for p in (output, out_dir / MANIFEST):
+            p.unlink()
+        shutil.rmtree(parts, ignore_errors=True)
+    te.barrier()
     scorer = RewardScorer(cfg.rm, device=str(info.device), precision=cfg.engine.precision,
                           batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, over_length=cfg.over_length)
     specs = [OmegaConf.to_container(s, resolve=True) for s in cfg.input]
@@ -118,14 +125,16 @@ def _run(cfg: DictConfig, info: te.DistInfo) -> dict:
     print0(f"label: {len(conversations)} conversations in {len(chunks)} chunks; {len(mine) - len(todo)} of this "
            f"rank's {len(mine)} already committed; RM trained on {scorer.trained_attributes}")
     stats = ScoreStats()
-    bar = tqdm(total=len(todo), desc=f"label[rank {info.rank}]", disable=not info.is_main, dynamic_ncols=True)
-    for c in todo:
-        rows = label_conversations(chunks[c], scorer, keep_human_labels=cfg.keep_human_labels, stats=stats)
-        commit_chunk(parts, c, rows, fingerprint)
-        bar.update(1)
-        bar.set_postfix(rows_s=f"{stats.inputs / max(stats.seconds, 1e-9):.1f}",
-                        tok_s=f"{stats.tokens / max(stats.seconds, 1e-9):.0f}")
-    bar.close()
+    # closed on errors too: an open bar would be redrawn after the one-line error message
+    with tqdm(total=len(todo), desc=f"label[rank {info.rank}]", disable=not info.is_main, dynamic_ncols=True) as bar:
+        for c in todo:
+            chunk_stats = ScoreStats()
+            rows = label_conversations(chunks[c], scorer, keep_human_labels=cfg.keep_human_labels, stats=chunk_stats)
+            commit_chunk(parts, c, rows, fingerprint, chunk_stats)
+            stats.add(chunk_stats)
+            bar.update(1)
+            bar.set_postfix(rows_s=f"{stats.inputs / max(stats.seconds, 1e-9):.1f}",
+                            tok_s=f"{stats.tokens / max(stats.seconds, 1e-9):.0f}")
     totals = te.all_reduce_sum([float(v) for v in stats.__dict__.values()], info.device)
     te.barrier()
     summary = None
@@ -162,7 +171,7 @@ def chunk_done(parts: Path, c: int, fingerprint: str) -> bool:
     return rec["fingerprint"] == fingerprint and rec["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
 
 
-def commit_chunk(parts: Path, c: int, rows: list[dict], fingerprint: str) -> None:
+def commit_chunk(parts: Path, c: int, rows: list[dict], fingerprint: str, stats: Optional[ScoreStats] = None) -> None:
     data, done = _chunk_paths(parts, c)
     blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     tmp = data.with_name(data.name + ".tmp")
@@ -171,8 +180,9 @@ def commit_chunk(parts: Path, c: int, rows: list[dict], fingerprint: str) -> Non
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, data)
+    counts = {k: getattr(stats, k) for k in CHUNK_COUNTS} if stats is not None else {}
     write_text_atomic(done, json.dumps({"fingerprint": fingerprint, "rows": len(rows),
-                                        "sha256": hashlib.sha256(blob).hexdigest()}))
+                                        "sha256": hashlib.sha256(blob).hexdigest(), "counts": counts}))
 
 
 def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_stats, total, t_start, info) -> dict:
@@ -198,9 +208,13 @@ def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_st
     os.replace(tmp, output)
     scorer.schema.save(out_dir)
     digest = hashlib.sha256(output.read_bytes()).hexdigest()
-    summary = {"rows": sum(json.loads(_chunk_paths(parts, c)[1].read_text())["rows"] for c in range(n_chunks)),
-               "turns_scored": total.scored, "skipped": {"over_length": total.skipped_over_length},
-               "truncated_left": total.truncated_left, "tokens": total.tokens,
+    records = [json.loads(_chunk_paths(parts, c)[1].read_text()) for c in range(n_chunks)]
+    # counts over the whole output (every committed chunk, also those an earlier, interrupted run scored)
+    counts = {k: sum(int(r.get("counts", {}).get(k, 0)) for r in records) for k in CHUNK_COUNTS}
+    summary = {"rows": sum(r["rows"] for r in records),
+               "turns_scored": counts["scored"], "skipped": {"over_length": counts["skipped_over_length"]},
+               "truncated_left": counts["truncated_left"], "tokens": counts["tokens"],
+               "chunks": n_chunks, "turns_scored_by_this_run": total.scored,
                # per rank, over the chunks this run scored (a resumed run counts only its own work)
                "tokens_per_s_per_rank": round(total.tokens / total.seconds, 1) if total.seconds else None,
                "turns_per_s_per_rank": round(total.inputs / total.seconds, 2) if total.seconds else None,
@@ -211,7 +225,7 @@ def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_st
     write_text_atomic(out_dir / MANIFEST, json.dumps({"output": output.name, "sha256": digest,
                                                       "fingerprint": fingerprint, "rows": summary["rows"]}) + "\n")
     shutil.rmtree(parts, ignore_errors=True)
-    print0(f"labeled {summary['rows']} conversations ({total.scored} turns) -> {output} "
-           f"[{summary['tokens_per_s_per_rank']} tok/s per rank, skipped {total.skipped_over_length}, "
-           f"truncated {total.truncated_left}]")
+    print0(f"labeled {summary['rows']} conversations ({counts['scored']} turns) -> {output} "
+           f"[{summary['tokens_per_s_per_rank']} tok/s per rank, skipped {counts['skipped_over_length']}, "
+           f"truncated {counts['truncated_left']}]")
     return summary

@@ -1,0 +1,171 @@
+"""Benchmark stage-2 LABELING throughput: steerlm's batched scorer vs the two naive ways to batch.
+
+    python scripts/bench_label.py                         # SmolLM2-135M RM, 200 OASST conversations (CPU: ~10 min)
+    python scripts/bench_label.py --rm runs/reward/model  # any stage-1 RM directory
+    python scripts/bench_label.py --limit 40              # a quick run
+
+What is compared: the same RM (one model instance, fp32 on CPU unless --precision), the same token
+ids, the same rated turns, in one process, one after the other:
+
+- steerlm: `RewardScorer.score_ids` — every turn sorted by length and cut into token-budget batches
+  (`--batch-tokens`, rows x padded length), so padding is only the difference between neighbours.
+- per_conversation: NeMo-Aligner's annotation-client pattern — one forward per conversation with all
+  of its rated turns as one batch, padded to its longest turn.
+- fixed16: fixed batches of 16 turns in input order, padded to the longest of the 16.
+
+Inputs: the first `--limit` (200) conversations of the bundled OASST file
+(`data/oasst1/oasst1_validation_en.messages.jsonl.gz` through `load_conversations`), every assistant
+turn as one RM input (the conversation up to that turn, the RM's own template), tokenized once with
+`RewardScorer.tokenize` at `--max-length` (1024); over-length turns are skipped for all methods alike.
+
+How it is measured: one untimed warm-up forward, then each method once; seconds = wall time of the
+method's forwards including its padding/collation; tokens/s = non-pad tokens / seconds. The methods'
+predictions are cross-checked (max abs difference) so all three compute the same thing. The last two
+lines are ``speedup_vs_per_conversation=<x.xx> target=1.0`` and
+``RESULT speedup_vs_fixed16=<x.xx> target=1.5`` (steerlm tokens/s over the baseline's).
+
+Without `--rm`, an RM is built once (and reused from `--rm-dir` afterwards) by the real stage-1
+CLI: the embedded SmolLM2-135M-Instruct with a frozen backbone, trained on 12 HelpSteer2 rows —
+throughput does not depend on what the head learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OASST = "data/oasst1/oasst1_validation_en.messages.jsonl.gz"
+TARGET_FIXED16 = 1.5
+TARGET_PER_CONV = 1.0
+
+
+def build_rm(rm_dir: Path) -> Path:
+    """A valid stage-1 RM dir (steerlm_reward.json etc.) from the real reward CLI, made once."""
+    model = rm_dir / "model"
+    if (model / "steerlm_reward.json").exists():
+        print(f"bench_label: reusing the RM at {model} (delete {rm_dir} to rebuild)", flush=True)
+        return model
+    print(f"bench_label: building a SmolLM2-135M RM in {rm_dir} (frozen backbone, 12 HelpSteer2 rows)", flush=True)
+    t = time.time()
+    cmd = [sys.executable, str(REPO / "recipes" / "train_reward.py"), f"run_dir={rm_dir}", "resume=never",
+           "max_length=512", "train.epochs=2", "train.save_every=0",
+           "data.train=[{format: helpsteer2, path: data/helpsteer2/helpsteer2_train_first100.jsonl, max_rows: 12}]"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"bench_label: building the RM failed:\n{proc.stderr[-3000:]}")
+    print(f"bench_label: RM built in {time.time() - t:.0f} s", flush=True)
+    return model
+
+
+def rated_inputs(scorer, limit: int):
+    """Token ids per conversation (over-length turns dropped), the same for every method."""
+    from steerlm.data.sources import load_conversations
+    from steerlm.scoring import ScoreStats
+
+    conversations, _ = load_conversations({"format": "oasst", "path": str(REPO / OASST)}, scorer.schema)
+    conversations = conversations[:limit]
+    stats = ScoreStats()
+    per_conv = []
+    for conv in conversations:
+        ids = [scorer.tokenize(conv["system"], conv["turns"][:k + 1], f"{conv['id']} turn {k}", stats)
+               for k, t in enumerate(conv["turns"]) if t["role"] == "assistant"]
+        ids = [x for x in ids if x is not None]
+        if ids:
+            per_conv.append(ids)
+    return conversations, per_conv, stats.skipped_over_length
+
+
+def run_fixed(scorer, batches):
+    """Forward each batch (lists of token-id lists) padded to its longest: (preds, tokens, padded, seconds)."""
+    import torch
+
+    from steerlm.data.batching import pad_token_batch
+
+    preds, tokens, padded = [], 0, 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            ids, mask = pad_token_batch(batch, scorer.pad_id)
+            preds.extend(scorer.model(ids.to(scorer.device), mask.to(scorer.device)).double().cpu().numpy())
+            tokens += int(mask.sum())
+            padded += mask.numel()
+    return preds, tokens, padded, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rm", help="a stage-1 RM directory (default: build a SmolLM2-135M one in --rm-dir)")
+    ap.add_argument("--rm-dir", default=str(REPO / "runs" / "bench_label_rm"), help="where the default RM is built")
+    ap.add_argument("--limit", type=int, default=200, help="first N OASST conversations")
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--batch-tokens", type=int, default=None, help="steerlm's token budget (default: the scorer's)")
+    ap.add_argument("--fixed-batch", type=int, default=16)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from steerlm.scoring import RewardScorer, ScoreStats
+
+    torch.set_num_threads(args.threads)
+    rm = Path(args.rm) if args.rm else build_rm(Path(args.rm_dir))
+    kw = {"batch_tokens": args.batch_tokens} if args.batch_tokens else {}
+    scorer = RewardScorer(str(rm), device="auto", precision=args.precision,
+                          max_length=args.max_length, over_length="skip", **kw)
+    conversations, per_conv, skipped = rated_inputs(scorer, args.limit)
+    flat = [x for group in per_conv for x in group]
+    n_rows = len(per_conv)
+    print(f"bench_label: RM {rm} ({scorer.model.config.model_type}, {sum(p.numel() for p in scorer.model.parameters()) / 1e6:.0f}M "
+          f"params, {args.precision}, {scorer.device}, {torch.get_num_threads()} threads); {len(conversations)} OASST "
+          f"conversations -> {len(flat)} assistant turns <= {args.max_length} tokens in {n_rows} conversations "
+          f"({skipped} over-length turns skipped for every method); steerlm batch_tokens={scorer.batch_tokens}",
+          flush=True)
+
+    with torch.inference_mode():  # warm-up: allocator, first kernels (untimed)
+        warm = sorted(flat, key=len)[len(flat) // 2]
+        scorer.score_ids([warm, warm])
+
+    results, preds = [], {}
+
+    def record(name, p, tokens, padded, seconds):
+        preds[name] = np.stack(p)
+        results.append({"method": name, "rows": n_rows, "turns": len(flat), "tokens": tokens, "padded": padded,
+                        "seconds": seconds, "turns_s": len(flat) / seconds, "tokens_s": tokens / seconds})
+        print(f"  {name}: {seconds:.1f} s", flush=True)
+
+    record("per_conversation", *run_fixed(scorer, per_conv))
+    record(f"fixed{args.fixed_batch}", *run_fixed(scorer, [flat[i:i + args.fixed_batch]
+                                                           for i in range(0, len(flat), args.fixed_batch)]))
+    stats = ScoreStats()
+    t0 = time.perf_counter()
+    out = scorer.score_ids(flat, stats)
+    record("steerlm", out, stats.tokens, stats.padded_tokens, time.perf_counter() - t0)
+
+    diff = max(float(np.abs(preds["steerlm"] - p).max()) for p in preds.values())
+    header = ["method", "rows", "turns", "non-pad tokens", "padded tokens", "pad %", "seconds", "turns/s", "tokens/s"]
+    cells = [[r["method"], str(r["rows"]), str(r["turns"]), str(r["tokens"]), str(r["padded"]),
+              f"{100 * (1 - r['tokens'] / r['padded']):.1f}", f"{r['seconds']:.1f}", f"{r['turns_s']:.2f}",
+              f"{r['tokens_s']:.1f}"] for r in results]
+    widths = [max(len(c[j]) for c in cells + [header]) for j in range(len(header))]
+    print()
+    for j, c in enumerate([header] + cells):
+        print("  ".join(v.ljust(w) if k == 0 else v.rjust(w) for k, (v, w) in enumerate(zip(c, widths))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"\npredictions agree across methods: max |difference| = {diff:.2e}")
+    by = {r["method"]: r for r in results}
+    per_conv_x = by["steerlm"]["tokens_s"] / by["per_conversation"]["tokens_s"]
+    fixed_x = by["steerlm"]["tokens_s"] / by[f"fixed{args.fixed_batch}"]["tokens_s"]
+    print(f"speedup_vs_per_conversation={per_conv_x:.2f} target={TARGET_PER_CONV}")
+    print(f"RESULT speedup_vs_fixed{args.fixed_batch}={fixed_x:.2f} target={TARGET_FIXED16}")
+
+
+if __name__ == "__main__":
+    main()
