@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ..attributes import SCHEMA_FILE, AttributeSchema
-from ..checkpoint import write_text_atomic
+from ..checkpoint import write_bytes_atomic, write_text_atomic
 from ..data.sources import load_mixture
 from ..engines import torch_engine as te
 from ..logging import print0
@@ -174,12 +174,7 @@ def chunk_done(parts: Path, c: int, fingerprint: str) -> bool:
 def commit_chunk(parts: Path, c: int, rows: list[dict], fingerprint: str, stats: Optional[ScoreStats] = None) -> None:
     data, done = _chunk_paths(parts, c)
     blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-    tmp = data.with_name(data.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, data)
+    write_bytes_atomic(data, blob)
     counts = {k: getattr(stats, k) for k in CHUNK_COUNTS} if stats is not None else {}
     write_text_atomic(done, json.dumps({"fingerprint": fingerprint, "rows": len(rows),
                                         "sha256": hashlib.sha256(blob).hexdigest(), "counts": counts}))
