@@ -1,6 +1,6 @@
 """Benchmark stage-2 LABELING throughput: steerlm's batched scorer vs the two naive ways to batch.
 
-    python scripts/bench_label.py                         # SmolLM2-135M RM, 200 OASST conversations (CPU: ~10 min)
+    python scripts/bench_label.py                         # SmolLM2-135M RM, 200 OASST conversations (CPU: ~14 min)
     python scripts/bench_label.py --rm runs/reward/model  # any stage-1 RM directory
     python scripts/bench_label.py --limit 40              # a quick run
 
@@ -18,11 +18,20 @@ Inputs: the first `--limit` (200) conversations of the bundled OASST file
 turn as one RM input (the conversation up to that turn, the RM's own template), tokenized once with
 `RewardScorer.tokenize` at `--max-length` (1024); over-length turns are skipped for all methods alike.
 
-How it is measured: one untimed warm-up forward, then each method once; seconds = wall time of the
-method's forwards including its padding/collation; tokens/s = non-pad tokens / seconds. The methods'
-predictions are cross-checked (max abs difference) so all three compute the same thing. The last two
-lines are ``speedup_vs_per_conversation=<x.xx> target=1.0`` and
+How it is measured: one untimed warm-up forward, then `--rounds` (4) interleaved rounds: round r
+holds every R-th conversation and runs all three methods on it, in a rotating order, so load from
+other processes on a shared machine hits every method alike (steerlm sorts within a round, as the
+labeling stage sorts within a chunk of `chunk_size` conversations). Seconds = wall time of a method's
+forwards including its padding/collation, summed over rounds; tokens/s = non-pad tokens / seconds.
+The CPU time other processes used meanwhile is shown per method ("other procs' cores"; a warning
+above 0.25). The methods' predictions are cross-checked (max abs difference) so all three compute the
+same thing. steerlm's token budget is the scorer's default (2048 padded tokens on CPU, 8192 on GPU)
+unless `--batch-tokens`. The last two lines are ``speedup_vs_per_conversation=<x.xx> target=1.0`` and
 ``RESULT speedup_vs_fixed16=<x.xx> target=1.5`` (steerlm tokens/s over the baseline's).
+
+Run time: the three methods push ~450k padded tokens through the model for the default 200
+conversations; at ~500-600 padded tokens/s (fp32, 2 cores) that is 13-15 minutes. `--limit 60` takes
+about 4 minutes; `--precision bf16` (on CPUs with bf16 units) is faster for every method.
 
 Without `--rm`, an RM is built once (and reused from `--rm-dir` afterwards) by the real stage-1
 CLI: the embedded SmolLM2-135M-Instruct with a frozen backbone, trained on 12 HelpSteer2 rows —
@@ -81,20 +90,49 @@ def rated_inputs(scorer, limit: int):
 
 
 def run_fixed(scorer, batches):
-    """Forward each batch (lists of token-id lists) padded to its longest: (preds, tokens, padded, seconds)."""
+    """Forward each batch (lists of token-id lists) padded to its longest: (preds, tokens, padded)."""
     import torch
 
     from steerlm.data.batching import pad_token_batch
 
     preds, tokens, padded = [], 0, 0
-    t0 = time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
             ids, mask = pad_token_batch(batch, scorer.pad_id)
             preds.extend(scorer.model(ids.to(scorer.device), mask.to(scorer.device)).double().cpu().numpy())
             tokens += int(mask.sum())
             padded += mask.numel()
-    return preds, tokens, padded, time.perf_counter() - t0
+    return preds, tokens, padded
+
+
+def run_steerlm(scorer, flat):
+    from steerlm.scoring import ScoreStats
+
+    stats = ScoreStats()
+    preds = scorer.score_ids(flat, stats)
+    return preds, stats.tokens, stats.padded_tokens
+
+
+class CpuMeter:
+    """CPU seconds other processes used while we measured (/proc/stat busy time minus our own)."""
+
+    def __init__(self):
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def snapshot(self):
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            busy = (sum(v[:8]) - v[3] - v[4]) / self.hz  # all but idle and iowait (guest time is inside user)
+        except OSError:
+            busy = float("nan")
+        t = os.times()
+        return busy, t.user + t.system, time.perf_counter()
+
+    @staticmethod
+    def others(a, b) -> tuple[float, float]:
+        """(CPU seconds of other processes, wall seconds) between two snapshots."""
+        return max(0.0, (b[0] - a[0]) - (b[1] - a[1])), b[2] - a[2]
 
 
 def main() -> None:
@@ -107,12 +145,13 @@ def main() -> None:
     ap.add_argument("--fixed-batch", type=int, default=16)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds (every R-th conversation per round)")
     args = ap.parse_args()
 
     import numpy as np
     import torch
 
-    from steerlm.scoring import RewardScorer, ScoreStats
+    from steerlm.scoring import RewardScorer
 
     torch.set_num_threads(args.threads)
     rm = Path(args.rm) if args.rm else build_rm(Path(args.rm_dir))
@@ -128,31 +167,51 @@ def main() -> None:
           f"({skipped} over-length turns skipped for every method); steerlm batch_tokens={scorer.batch_tokens}",
           flush=True)
 
-    with torch.inference_mode():  # warm-up: allocator, first kernels (untimed)
-        warm = sorted(flat, key=len)[len(flat) // 2]
-        scorer.score_ids([warm, warm])
+    warm = sorted(flat, key=len)[len(flat) // 2]
+    scorer.score_ids([warm, warm])  # warm-up: allocator, first kernels (untimed)
+
+    # Interleaved rounds: round r holds every R-th conversation; each round runs all three methods in a
+    # rotating order, so load from other processes on a shared machine hits every method alike.
+    def fixed(convs):
+        turns = [x for g in convs for x in g]  # input order
+        return run_fixed(scorer, [turns[i:i + args.fixed_batch] for i in range(0, len(turns), args.fixed_batch)])
+
+    methods = {"per_conversation": lambda convs: run_fixed(scorer, convs),  # one batch per conversation
+               f"fixed{args.fixed_batch}": fixed,
+               "steerlm": lambda convs: run_steerlm(scorer, [x for g in convs for x in g])}
+    names = list(methods)
+    acc = {m: {"tokens": 0, "padded": 0, "seconds": 0.0, "others_cpu": 0.0, "preds": {}} for m in names}
+    meter = CpuMeter()
+    rounds = max(1, min(args.rounds, n_rows))
+    for r in range(rounds):
+        idx = list(range(r, n_rows, rounds))
+        for m in names[r % len(names):] + names[:r % len(names)]:
+            a = meter.snapshot()
+            p, tokens, padded = methods[m]([per_conv[i] for i in idx])
+            b = meter.snapshot()
+            others, wall = meter.others(a, b)
+            acc[m]["tokens"] += tokens
+            acc[m]["padded"] += padded
+            acc[m]["seconds"] += wall
+            acc[m]["others_cpu"] += others
+            flat_idx = [(i, j) for i in idx for j in range(len(per_conv[i]))]
+            acc[m]["preds"].update(zip(flat_idx, p))
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{m} {acc[m]['seconds']:.0f} s" for m in names), flush=True)
 
     results, preds = [], {}
-
-    def record(name, p, tokens, padded, seconds):
-        preds[name] = np.stack(p)
-        results.append({"method": name, "rows": n_rows, "turns": len(flat), "tokens": tokens, "padded": padded,
-                        "seconds": seconds, "turns_s": len(flat) / seconds, "tokens_s": tokens / seconds})
-        print(f"  {name}: {seconds:.1f} s", flush=True)
-
-    record("per_conversation", *run_fixed(scorer, per_conv))
-    record(f"fixed{args.fixed_batch}", *run_fixed(scorer, [flat[i:i + args.fixed_batch]
-                                                           for i in range(0, len(flat), args.fixed_batch)]))
-    stats = ScoreStats()
-    t0 = time.perf_counter()
-    out = scorer.score_ids(flat, stats)
-    record("steerlm", out, stats.tokens, stats.padded_tokens, time.perf_counter() - t0)
-
+    keys = sorted(acc[names[0]]["preds"])
+    for m in names:
+        x = acc[m]
+        preds[m] = np.stack([x["preds"][k] for k in keys])
+        results.append({"method": m, "rows": n_rows, "turns": len(flat), "tokens": x["tokens"], "padded": x["padded"],
+                        "seconds": x["seconds"], "turns_s": len(flat) / x["seconds"],
+                        "tokens_s": x["tokens"] / x["seconds"], "others": x["others_cpu"] / x["seconds"]})
     diff = max(float(np.abs(preds["steerlm"] - p).max()) for p in preds.values())
-    header = ["method", "rows", "turns", "non-pad tokens", "padded tokens", "pad %", "seconds", "turns/s", "tokens/s"]
+    header = ["method", "rows", "turns", "non-pad tokens", "padded tokens", "pad %", "seconds", "turns/s", "tokens/s",
+              "other procs' cores"]
     cells = [[r["method"], str(r["rows"]), str(r["turns"]), str(r["tokens"]), str(r["padded"]),
               f"{100 * (1 - r['tokens'] / r['padded']):.1f}", f"{r['seconds']:.1f}", f"{r['turns_s']:.2f}",
-              f"{r['tokens_s']:.1f}"] for r in results]
+              f"{r['tokens_s']:.1f}", f"{r['others']:.2f}"] for r in results]
     widths = [max(len(c[j]) for c in cells + [header]) for j in range(len(header))]
     print()
     for j, c in enumerate([header] + cells):
@@ -160,6 +219,10 @@ def main() -> None:
         if j == 0:
             print("  ".join("-" * w for w in widths))
     print(f"\npredictions agree across methods: max |difference| = {diff:.2e}")
+    busiest = max(r["others"] for r in results)
+    if busiest > 0.25:
+        print(f"WARNING: other processes kept {busiest:.2f} cores busy on average during a method's forwards: "
+              "the machine was shared, absolute tokens/s are low (the interleaved rounds keep the ratios fair)")
     by = {r["method"]: r for r in results}
     per_conv_x = by["steerlm"]["tokens_s"] / by["per_conversation"]["tokens_s"]
     fixed_x = by["steerlm"]["tokens_s"] / by[f"fixed{args.fixed_batch}"]["tokens_s"]

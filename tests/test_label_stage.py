@@ -8,7 +8,8 @@ Three tiny stage-1 RMs are trained once per module (concurrently):
   rm9_on_hs2   steerlm9 schema on HelpSteer2 rows only: 4 heads (the OASST ones) never trained
 The shared labeling input is the first 200 OASST messages (123 conversations, 181 assistant turns)
 in chunks of 4 conversations (31 chunks) with max_length=1024 (51 turns are longer with the tiny
-tokenizer).
+tokenizer). To stay fast on 2 cores, CLI runs that do not depend on each other are launched two at a
+time by module fixtures (`independent_runs`, `dependent_runs`); each test asserts on its own run.
 """
 
 from __future__ import annotations
@@ -114,18 +115,100 @@ def inputs() -> list[dict]:
     return conversations
 
 
+def parallel(jobs: dict, workers: int = 2) -> dict:
+    """Run independent callables two at a time (CLI runs are mostly single-threaded start-up)."""
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {name: pool.submit(fn) for name, fn in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def canonical_rows(n: int = 2) -> list[dict]:
+    return [{"id": f"c/{i}", "group": f"g/{i}", "system": None, "source": "test",
+             "turns": [{"role": "user", "content": f"Question {i}?", "labels": None},
+                       {"role": "assistant", "content": f"Answer {i}.", "labels": None}]} for i in range(n)]
+
+
+def write_inputs(d: Path) -> dict[str, Path]:
+    """The bad inputs: a canonical file carrying the oasst schema, a chat row labeling quality, a torn line."""
+    (d / "oasst_schema").mkdir()
+    mismatch = d / "oasst_schema" / "convs.jsonl"
+    mismatch.write_text("".join(json.dumps(r) + "\n" for r in canonical_rows()))
+    BUILTIN_SCHEMAS["oasst"].save(mismatch.parent)  # a labeled file that carries the oasst schema
+    good = {"system": "Be brief.", "mask": "User", "type": "VALUE_TO_TEXT",
+            "conversations": [{"from": "User", "value": "Why is the sky blue?", "label": None},
+                              {"from": "Assistant", "value": "Rayleigh scattering.", "label": "helpfulness:3"}]}
+    bad = json.loads(json.dumps(good))
+    bad["conversations"][1]["label"] = "quality:3"
+    chat = d / "chat.jsonl"
+    chat.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    malformed = d / "bad.jsonl"
+    malformed.write_text("".join(json.dumps(r) + "\n" for r in canonical_rows()) + '{"id": "c/9", "turns": [\n')
+    return {"mismatch": mismatch, "unknown_attribute": chat, "malformed": malformed}
+
+
 @pytest.fixture(scope="module")
-def reference(rms, tmp_path_factory) -> Path:
-    """One process, uninterrupted, over_length=skip (the default): the output every other run is compared to."""
-    out = tmp_path_factory.mktemp("reference")
-    label(rms["rm9"], out, *COMMON)
-    return out
+def independent_runs(rms, tmp_path_factory) -> dict[str, dict]:
+    """Every run that needs only the RMs: {name: {"proc", "out", "input"}}."""
+    base = tmp_path_factory.mktemp("label_runs")
+    files = write_inputs(base)
+    jobs = {  # name: (rm, input file or None, extra overrides)
+        "reference": ("rm9", None, COMMON),  # one process, uninterrupted, over_length=skip (the default)
+        "error": ("rm9", None, [*COMMON, "over_length=error"]),
+        "truncate": ("rm9", None, [*COMMON, "over_length=truncate_left"]),
+        "parquet": ("rm9", None, [*COMMON, "output_format=parquet"]),
+        "mismatch": ("rm9", files["mismatch"], [f"input=[{{format: canonical, path: '{files['mismatch']}'}}]"]),
+        "unknown_attribute": ("hs2_schema", files["unknown_attribute"],
+                              [f"input=[{{format: nemo_chat, path: '{files['unknown_attribute']}'}}]"]),
+        "malformed": ("rm9", files["malformed"], [f"input=[{{format: canonical, path: '{files['malformed']}'}}]"]),
+    }
+
+    def job(name, rm, path, extra):
+        return lambda: {"proc": label(rms[rm], base / name, *extra, check=False), "out": base / name, "input": path}
+
+    runs = parallel({name: job(name, *spec) for name, spec in jobs.items()})
+    for name in ("reference", "truncate", "parquet"):
+        proc = runs[name]["proc"]
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+    return runs
+
+
+@pytest.fixture(scope="module")
+def reference(independent_runs) -> Path:
+    """The output every other run is compared to."""
+    return independent_runs["reference"]["out"]
+
+
+@pytest.fixture(scope="module")
+def dependent_runs(rms, reference, tmp_path_factory) -> dict:
+    """Runs that need the reference output: two ranks, untrained heads, overwrite + keep_human_labels."""
+    base = tmp_path_factory.mktemp("dependent_runs")
+
+    def overwrite():
+        # a copy of the complete reference output: refused without overwrite, then relabeled keeping human labels
+        out = base / "overwrite"
+        shutil.copytree(reference, out)
+        before = ((out / "labeled.jsonl").read_bytes(), (out / "labeled.jsonl").stat().st_mtime_ns)
+        refused = label(rms["rm9"], out, *COMMON, "keep_human_labels=true", check=False)
+        after_refusal = ((out / "labeled.jsonl").read_bytes(), (out / "labeled.jsonl").stat().st_mtime_ns)
+        label(rms["rm9"], out, *COMMON, "keep_human_labels=true", "overwrite=true")
+        return {"out": out, "before": before, "refused": refused, "after_refusal": after_refusal}
+
+    def untrained():
+        # input: the reference output (9 attributes on every scored turn); its sibling schema matches the RM's
+        label(rms["rm9_on_hs2"], base / "untrained", f"input=[{{format: canonical, path: '{reference / 'labeled.jsonl'}'}}]",
+              f"chunk_size={CHUNK}", f"max_length={MAX_LENGTH}")
+        return base / "untrained"
+
+    def two_ranks():
+        label(rms["rm9"], base / "two", *COMMON, torchrun=2)
+        return base / "two"
+
+    return parallel({"two_ranks": two_ranks, "untrained": untrained, "overwrite": overwrite})
 
 
 # ===== 1. sharding ===============================================================================
-def test_two_ranks_write_the_bytes_of_one(rms, reference, inputs, tmp_path):
-    out = tmp_path / "two"
-    label(rms["rm9"], out, *COMMON, torchrun=2)
+def test_two_ranks_write_the_bytes_of_one(dependent_runs, reference, inputs):
+    out = dependent_runs["two_ranks"]
     one, two = (reference / "labeled.jsonl").read_bytes(), (out / "labeled.jsonl").read_bytes()
     assert one == two
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (reference, out))
@@ -173,9 +256,8 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_bytes(rms, reference, inputs,
 
 
 # ===== 3. over-length policies ===================================================================
-def test_over_length_error_names_the_conversation_and_max_length(rms, inputs, tmp_path):
-    out = tmp_path / "error"
-    proc = label(rms["rm9"], out, *COMMON, "over_length=error", check=False)
+def test_over_length_error_names_the_conversation_and_max_length(rms, independent_runs, inputs):
+    proc, out = independent_runs["error"]["proc"], independent_runs["error"]["out"]
     long_turns = over_length_turns(rms["rm9"], inputs, MAX_LENGTH)
     first = next((c["id"], k) for c in inputs for k in range(len(c["turns"])) if (c["id"], k) in long_turns)
     assert_user_error(proc, out, f"steerlm: error: {first[0]} turn {first[1]}: field 'length': ")
@@ -198,13 +280,12 @@ def test_over_length_skip_counts_and_marks_exactly_the_long_turns(rms, reference
             assert set(t["scores"]) == set(STEERLM9_ATTRIBUTES) and "label_status" not in t
 
 
-def test_over_length_truncate_left_scores_every_turn(rms, reference, inputs, tmp_path):
+def test_over_length_truncate_left_scores_every_turn(rms, independent_runs, reference, inputs):
     import numpy as np
 
     from steerlm.scoring import RewardScorer
 
-    out = tmp_path / "truncate"
-    label(rms["rm9"], out, *COMMON, "over_length=truncate_left")
+    out = independent_runs["truncate"]["out"]
     expected = over_length_turns(rms["rm9"], inputs, MAX_LENGTH)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["truncated_left"] == len(expected) and summary["skipped"]["over_length"] == 0
@@ -255,46 +336,24 @@ def test_reward_scorer_tokenize_policies(rms):
 
 
 # ===== 4. schema checks ==========================================================================
-def canonical_rows(n: int = 2) -> list[dict]:
-    return [{"id": f"c/{i}", "group": f"g/{i}", "system": None, "source": "test",
-             "turns": [{"role": "user", "content": f"Question {i}?", "labels": None},
-                       {"role": "assistant", "content": f"Answer {i}.", "labels": None}]} for i in range(n)]
+def test_input_schema_differs_from_the_rm_schema(independent_runs):
+    run = independent_runs["mismatch"]
+    assert_user_error(run["proc"], run["out"], f"steerlm: error: attribute schema mismatch: input {run['input']} has 'oasst'")
+    assert "'steerlm9'" in error_line(run["proc"])
 
 
-def test_input_schema_differs_from_the_rm_schema(rms, tmp_path):
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    path = data_dir / "convs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in canonical_rows()))
-    BUILTIN_SCHEMAS["oasst"].save(data_dir)  # a labeled file that carries the oasst schema
-    out = tmp_path / "out"
-    proc = label(rms["rm9"], out, f"input=[{{format: canonical, path: '{path}'}}]", check=False)
-    assert_user_error(proc, out, f"steerlm: error: attribute schema mismatch: input {path} has 'oasst'")
-    assert "'steerlm9'" in error_line(proc)
-
-
-def test_data_label_for_an_attribute_the_rm_lacks(rms, tmp_path):
-    good = {"system": "Be brief.", "mask": "User", "type": "VALUE_TO_TEXT",
-            "conversations": [{"from": "User", "value": "Why is the sky blue?", "label": None},
-                              {"from": "Assistant", "value": "Rayleigh scattering.", "label": "helpfulness:3"}]}
-    bad = json.loads(json.dumps(good))
-    bad["conversations"][1]["label"] = "quality:3"
-    path = tmp_path / "chat.jsonl"
-    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-    out = tmp_path / "out"
-    proc = label(rms["hs2_schema"], out, f"input=[{{format: nemo_chat, path: '{path}'}}]", check=False)
-    assert_user_error(proc, out, f"steerlm: error: {path}:2: field 'conversations[1].label': unknown attribute 'quality'")
+def test_data_label_for_an_attribute_the_rm_lacks(independent_runs):
+    run = independent_runs["unknown_attribute"]  # RM schema helpsteer2; the row labels quality
+    assert_user_error(run["proc"], run["out"],
+                      f"steerlm: error: {run['input']}:2: field 'conversations[1].label': unknown attribute 'quality'")
 
 
 # ===== 5. untrained heads ========================================================================
-def test_untrained_heads_are_never_written(rms, reference, tmp_path):
+def test_untrained_heads_are_never_written(rms, dependent_runs):
     card = json.loads((rms["rm9_on_hs2"] / "steerlm_reward.json").read_text())
     assert card["trained_attributes"] == list(HELPSTEER2_ATTRIBUTES)
     assert json.loads((rms["rm9_on_hs2"] / "attribute_schema.json").read_text())["name"] == "steerlm9"
-    out = tmp_path / "hs2"
-    # input: the reference output (9 attributes on every scored turn); its sibling schema matches the RM's
-    label(rms["rm9_on_hs2"], out, f"input=[{{format: canonical, path: '{reference / 'labeled.jsonl'}'}}]",
-          f"chunk_size={CHUNK}", f"max_length={MAX_LENGTH}")
+    out = dependent_runs["untrained"]  # input: the reference output, 9 RM labels on every scored turn
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trained_attributes"] == list(HELPSTEER2_ATTRIBUTES) and summary["turns_scored"] > 100
     hs2 = set(HELPSTEER2_ATTRIBUTES)
@@ -312,16 +371,8 @@ def test_untrained_heads_are_never_written(rms, reference, tmp_path):
 
 # ===== 6 + 8. overwrite and human labels =========================================================
 @pytest.fixture(scope="module")
-def overwrite_runs(rms, reference, tmp_path_factory):
-    """A copy of the complete reference output: refused without overwrite, then relabeled keeping human labels."""
-    out = tmp_path_factory.mktemp("overwrite") / "out"
-    shutil.copytree(reference, out)
-    before = (out / "labeled.jsonl").read_bytes()
-    mtime = (out / "labeled.jsonl").stat().st_mtime_ns
-    refused = label(rms["rm9"], out, *COMMON, "keep_human_labels=true", check=False)
-    after_refusal = ((out / "labeled.jsonl").read_bytes(), (out / "labeled.jsonl").stat().st_mtime_ns)
-    label(rms["rm9"], out, *COMMON, "keep_human_labels=true", "overwrite=true")
-    return {"out": out, "before": before, "mtime": mtime, "refused": refused, "after_refusal": after_refusal}
+def overwrite_runs(dependent_runs):
+    return dependent_runs["overwrite"]
 
 
 def test_complete_output_is_not_overwritten_without_overwrite_true(overwrite_runs):
@@ -330,10 +381,10 @@ def test_complete_output_is_not_overwritten_without_overwrite_true(overwrite_run
     assert r["refused"].returncode == 2 and "Traceback" not in r["refused"].stderr
     assert error_line(r["refused"]) == (f"steerlm: error: {out / 'labeled.jsonl'} is complete; "
                                         "pass overwrite=true to label again")
-    assert r["after_refusal"] == (r["before"], r["mtime"])  # untouched
+    assert r["after_refusal"] == r["before"]  # bytes and mtime untouched
     # overwrite=true relabeled (with keep_human_labels=true the bytes differ) and left a consistent record
     new = (out / "labeled.jsonl").read_bytes()
-    assert new != r["before"]
+    assert new != r["before"][0]
     assert json.loads((out / "manifest.json").read_text())["sha256"] == hashlib.sha256(new).hexdigest()
     assert json.loads((out / "summary.json").read_text())["turns_scored_by_this_run"] > 0
     assert not (out / "parts").exists()
@@ -360,12 +411,9 @@ def test_keep_human_labels_keeps_human_values_and_fills_only_missing(overwrite_r
 
 
 # ===== 7. malformed input ========================================================================
-def test_malformed_input_line_is_reported_with_file_and_line(rms, tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in canonical_rows()) + '{"id": "c/9", "turns": [\n')
-    out = tmp_path / "out"
-    proc = label(rms["rm9"], out, f"input=[{{format: canonical, path: '{path}'}}]", check=False)
-    assert_user_error(proc, out, f"steerlm: error: {path}:3: malformed JSON")
+def test_malformed_input_line_is_reported_with_file_and_line(independent_runs):
+    run = independent_runs["malformed"]
+    assert_user_error(run["proc"], run["out"], f"steerlm: error: {run['input']}:3: malformed JSON")
 
 
 # ===== 9. Python API =============================================================================
@@ -411,9 +459,8 @@ def test_python_api_matches_the_cli(rms, reference, inputs):
 
 
 # ===== 10. parquet output ========================================================================
-def test_parquet_output_reads_back_with_the_same_labels(rms, reference, tmp_path):
-    out = tmp_path / "pq"
-    label(rms["rm9"], out, *COMMON, "output_format=parquet")
+def test_parquet_output_reads_back_with_the_same_labels(independent_runs, reference):
+    out = independent_runs["parquet"]["out"]
     assert (out / "labeled.parquet").exists() and not (out / "labeled.jsonl").exists()
     assert json.loads((out / "attribute_schema.json").read_text())["attributes"] == list(STEERLM9_ATTRIBUTES)
     got, _ = load_conversations({"format": "canonical", "path": str(out / "labeled.parquet")}, STEERLM9)

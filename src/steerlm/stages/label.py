@@ -12,12 +12,14 @@ Features and the config keys that control them:
   values and fills only the missing attributes). Next to it: `attribute_schema.json`,
   `summary.json`, `manifest.json`.
 - Speed (`batch_tokens`, `engine.precision`): length-sorted token-budget batches, inference mode,
-  bf16 on GPU (`scoring.RewardScorer`).
+  bf16 on GPU (`scoring.RewardScorer`); `batch_tokens: null` picks the device's budget (8192 on GPU,
+  2048 on CPU, where big batches lose per-token throughput).
 - Sharding and resume (`chunk_size`): the input is cut into chunks of conversations in input order;
   chunk c belongs to rank c mod world. Each finished chunk is committed as its own file (temp +
   rename) with a checksum in its `.done` record; a rerun skips committed chunks. Batching happens
   inside a chunk, so any number of ranks produces byte-identical chunks; rank 0 concatenates them in
-  order into the final file, atomically, and removes the parts.
+  order into the final file, atomically, and removes the parts. Each `.done` record also keeps the
+  chunk's counts, so `summary.json` describes the whole output after a resume too.
 - Long inputs (`over_length`): error | skip | truncate_left, counted in the summary.
 - A complete output is never overwritten unless `overwrite=true`.
 
@@ -149,8 +151,10 @@ def _run(cfg: DictConfig, info: te.DistInfo) -> dict:
 def run_fingerprint(cfg, scorer: RewardScorer, conversations: Sequence[dict]) -> str:
     """Same RM, settings and input -> same fingerprint; a committed chunk from another run is not reused."""
     h = hashlib.sha256()
+    # resolved values: batching, device type and dtype decide the exact floats a chunk holds
     h.update(json.dumps([str(Path(cfg.rm).resolve()), scorer.template, scorer.max_length, cfg.over_length,
-                         cfg.keep_human_labels, cfg.chunk_size, cfg.batch_tokens, cfg.engine.precision]).encode())
+                         cfg.keep_human_labels, cfg.chunk_size, scorer.batch_tokens, scorer.device.type,
+                         str(scorer.dtype)]).encode())
     for f in sorted(Path(cfg.rm).glob("*.safetensors")):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
