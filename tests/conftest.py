@@ -51,3 +51,13 @@ def tiny_reward_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[s
     return [f"model.path={model_dir}", "model.freeze_backbone=false", f"run_dir={run_dir}",
             "engine.precision=fp32", "train.max_steps=4", "train.global_batch_size=8",
             "train.micro_batch_size=2", "train.save_every=0", "eval.val_fraction=0.1", *extra]
+
+
+HS2_SAMPLE = "data/helpsteer2/helpsteer2_train_first100.jsonl"
+
+
+def tiny_sft_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A few-second SFT run on the tiny model with the bundled HelpSteer2 rows (human labels), fp32."""
+    return [f"model.path={model_dir}", f"run_dir={run_dir}", f"data.train=[{{format: helpsteer2, path: {HS2_SAMPLE}}}]",
+            "engine.precision=fp32", "max_length=2048", "train.max_steps=3", "train.global_batch_size=8",
+            "train.save_every=0", "model.lora.save_merged=false", *extra]

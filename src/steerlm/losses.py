@@ -58,3 +58,23 @@ def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, strength: to
 def scalarize(pred: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(B, K) attribute predictions · (K,) weights -> (B,) scalar reward."""
     return pred @ weights.to(pred.dtype)
+
+
+# ----------------------------------------------------------------------------- causal LM (SFT)
+def next_token_nll(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Σ_t −log p(x_{t+1} | x_≤t) over trained targets, and the number of targets.
+
+    Logits are computed only at the positions that predict a trained token (`logits_to_keep` as a
+    boolean mask): prompts, attribute strings and padding never reach the (vocab-sized) LM head,
+    which saves its FLOPs and the (tokens x vocab) fp32 logits memory. The sum (not the mean) is
+    returned so the caller can divide by the trained-token count of the whole global batch: the
+    step is then the same for any packing, micro-batching or world size.
+    """
+    ids, m = batch["input_ids"], batch["loss_mask"]
+    keep = torch.zeros_like(m)
+    keep[:, :-1] = m[:, 1:]
+    targets = ids[:, 1:][m[:, 1:]]
+    extra = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
+    logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False, **extra).logits  # (N, V)
+    nll = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return nll, int(targets.numel())

@@ -20,6 +20,7 @@ import json
 import itertools
 import math
 import os
+from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 from ..attributes import AttributeSchema
@@ -212,3 +213,13 @@ def describe_stats(stats: dict) -> str:
         skipped = ", ".join(f"{k} {v}" for k, v in s.get("skipped", {}).items() if v) or "none"
         lines.append(f"{s['source']} ({s['format']}): read {s['rows_read']} rows, kept {s['kept']}, skipped: {skipped}")
     return "\n".join(lines)
+
+
+def require_input_schemas(specs: Iterable[Mapping], schema: AttributeSchema, *, other_what: str) -> None:
+    """A source whose directory carries an `attribute_schema.json` (a steerlm label output) must use `schema`."""
+    from ..attributes import SCHEMA_FILE
+
+    for spec in specs:
+        sibling = Path(str(spec.get("path", ""))).parent / SCHEMA_FILE
+        if spec.get("path") and sibling.exists():
+            AttributeSchema.load(sibling).require_same(schema, what=f"input {spec['path']}", other_what=other_what)

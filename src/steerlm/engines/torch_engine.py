@@ -129,6 +129,20 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     raise ValueError(strategy)
 
 
+def reshard(model: nn.Module) -> None:
+    """Free FSDP2's unsharded parameters after a forward without backward (eval, probes).
+
+    The root module keeps its parameters unsharded after forward (it expects the backward);
+    without a backward they stay so, and the next training step would run on the stale
+    unsharded copy instead of the optimizer-updated shards.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
 

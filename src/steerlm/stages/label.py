@@ -41,9 +41,8 @@ from typing import Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ..attributes import SCHEMA_FILE, AttributeSchema
 from ..checkpoint import write_bytes_atomic, write_text_atomic
-from ..data.sources import load_mixture
+from ..data.sources import load_mixture, require_input_schemas
 from ..engines import torch_engine as te
 from ..logging import print0
 from ..scoring import RewardScorer, ScoreStats
@@ -114,10 +113,7 @@ def _run(cfg: DictConfig, info: te.DistInfo) -> dict:
     scorer = RewardScorer(cfg.rm, device=str(info.device), precision=cfg.engine.precision,
                           batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, over_length=cfg.over_length)
     specs = [OmegaConf.to_container(s, resolve=True) for s in cfg.input]
-    for spec in specs:  # a labeled input carries its schema: it must be the RM's
-        sibling = Path(str(spec.get("path", ""))).parent / SCHEMA_FILE
-        if sibling.exists():
-            AttributeSchema.load(sibling).require_same(scorer.schema, what=f"input {spec['path']}", other_what=f"RM {cfg.rm}")
+    require_input_schemas(specs, scorer.schema, other_what=f"RM {cfg.rm}")  # a labeled input carries its schema
     conversations, load_stats = load_mixture(specs, scorer.schema)
     chunks = [conversations[i:i + cfg.chunk_size] for i in range(0, len(conversations), cfg.chunk_size)]
     fingerprint = run_fingerprint(cfg, scorer, conversations)

@@ -163,6 +163,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                 save_state(run_dir, step, model, optimizer, scheduler, epoch, b + 1, len(batches), info, cfg)
             if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps:
                 logger.log(flatten_eval(evaluate(forward, data, schema, cfg)), step)
+                te.reshard(model)  # FSDP2: drop the unsharded copy the eval forward left behind
             if step >= total_steps:
                 break
         epoch, start_batch = epoch + 1, 0

@@ -1,0 +1,313 @@
+"""Steered generation: a stage-3 model answers prompts under attribute values chosen at inference time.
+
+    from steerlm.stages.generate import SteerableModel
+    model = SteerableModel.load("runs/sft/model")
+    out = model.generate(["Explain DNS."], attributes={"verbosity": 0})
+    print(out[0]["text"], out[0]["tokens"], out[0]["stopped"])
+
+Everything the prompt needs comes from the model's card (`steerlm_sft.json`): the template, the stop
+strings, which attributes are steerable and their defaults. Attributes the caller leaves unset (or
+sets to None) take the card's defaults, so the label string always lists every steerable attribute,
+as in training. Values are rounded to the scale's integers, as the training label strings were.
+
+Batching: prompts are sorted by length, cut into batches of `batch_size`, LEFT padded (generation
+appends on the right), and the results are returned in input order. Greedy decoding is
+deterministic; sampling is deterministic for a given seed and batch_size (one RNG stream per call,
+forked so the caller's RNG state is untouched). HF `generate` stops a row at a stop string but keeps
+it in the output, so the text is cut at the first stop string here (and at the first eos token).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..attributes import AttributeSchema
+from ..checkpoint import write_text_atomic
+from ..errors import ConfigError, DataError
+from ..models.policy import load_for_generation, read_card
+from ..models.reward_model import load_tokenizer
+from ..sft_template import SFTFormat, prompt_ids
+from ..templates import END_OF_TURN
+
+Prompt = Union[str, Mapping]
+
+
+class PromptError(ValueError):
+    """A malformed prompt; `field` names the offending key (for DataError's file:line: field messages)."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(f"field {field!r}: {message}")
+
+
+def normalize_prompt(prompt: Prompt, schema: AttributeSchema) -> tuple[Optional[str], list[dict]]:
+    """A str (one user turn) or {"system": str|None, "turns": [...ending with a user turn]} -> (system, turns)."""
+    if isinstance(prompt, str):
+        return None, [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, Mapping):
+        raise PromptError("prompt", f"a prompt is a string or a {{system, turns}} mapping, got {type(prompt).__name__}")
+    system = prompt.get("system")
+    if system is not None and not isinstance(system, str):
+        raise PromptError("system", "must be a string or null")
+    turns = prompt.get("turns")
+    if not isinstance(turns, list) or not turns:
+        raise PromptError("turns", "must be a non-empty list of {role, content}")
+    out = []
+    for k, t in enumerate(turns):
+        if not isinstance(t, Mapping) or t.get("role") not in ("user", "assistant") or not isinstance(t.get("content"), str):
+            raise PromptError("turns", f"turn {k} must be {{role: user|assistant, content: str}}")
+        labels = t.get("labels")
+        if labels is not None:
+            try:
+                labels = {a: schema.check_value(a, v) for a, v in dict(labels).items()}
+            except (TypeError, ValueError) as e:
+                raise PromptError("turns", f"turn {k} labels: {e}") from None
+        out.append({"role": t["role"], "content": t["content"], "labels": labels})
+    if out[-1]["role"] != "user":
+        raise PromptError("turns", "the last turn must be a user turn (the model answers it)")
+    return system, out
+
+
+def resolve_attributes(card: Mapping, schema: AttributeSchema,
+                       overrides: Optional[Mapping[str, Optional[float]]] = None) -> dict[str, float]:
+    """The card's `default_attributes` with `overrides` on top (None = default), rounded to the scale's integers.
+
+    Raises ConfigError (one line) for a name that is unknown or not steerable in this model, and for a
+    value that is not a number on the schema's scale.
+    """
+    steerable = list(card["steerable_attributes"])
+    out = {a: float(v) for a, v in card["default_attributes"].items()}
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in steerable:
+            why = (f"unknown attribute {name!r}" if name not in schema else
+                   f"attribute {name!r} is not steerable in this model (absent from its training labels)")
+            raise ConfigError(f"{why}; steerable: {', '.join(steerable)}")
+        if isinstance(value, bool):
+            raise ConfigError(f"attribute {name!r}: value {value!r} is not a number")
+        try:
+            v = schema.check_value(name, value)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        out[name] = float(round(v))
+    return out
+
+
+@dataclass
+class GenerationStats:
+    prompts: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0  # tokens the model produced, the stopping token(s) included
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["seconds"] = round(self.seconds, 3)
+        d["tokens_per_s"] = round(self.generated_tokens / self.seconds, 1) if self.seconds else None
+        return d
+
+
+class SteerableModel:
+    """A stage-3 policy with its tokenizer, attribute schema and card (template, steerable attributes, defaults)."""
+
+    def __init__(self, model, tokenizer, schema: AttributeSchema, card: dict, device: torch.device):
+        self.model, self.tokenizer, self.schema, self.card, self.device = model, tokenizer, schema, card, device
+        self.format = SFTFormat.from_dict(card["format"])
+        self.steerable = list(card["steerable_attributes"])
+        self.defaults = {a: float(v) for a, v in card["default_attributes"].items()}
+        self.stop_strings = self.format.resolved_stop_strings(tokenizer)
+        # a stop string that is an added token (<|im_end|>, <extra_id_1> in most vocabularies) stops as an eos id:
+        # no per-step string matching; the others go to HF's stop_strings. The text is cut at any of them.
+        added = tokenizer.get_added_vocab()
+        self.hf_stop_strings = [s for s in self.stop_strings if s not in added]
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        eos += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.eos_ids = sorted({*eos, *(added[s] for s in self.stop_strings if s in added)})
+        self.stats = GenerationStats()
+
+    @classmethod
+    def load(cls, path: str, device: str = "auto", precision: str = "auto") -> "SteerableModel":
+        """precision: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."""
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
+        card = read_card(path)
+        schema = AttributeSchema.load(path)
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+        dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda") else torch.float32
+        tokenizer = load_tokenizer(path)
+        model = load_for_generation(path, dtype=dtype).to(dev).eval()
+        return cls(model, tokenizer, schema, card, dev)
+
+    # ------------------------------------------------------------------ attributes
+    def resolve_attributes(self, overrides: Optional[Mapping[str, Optional[float]]] = None) -> dict[str, float]:
+        """Card defaults with `overrides` on top (None = default), checked and rounded to the scale's integers."""
+        return resolve_attributes(self.card, self.schema, overrides)
+
+    def prompt_ids(self, prompt: Prompt, attributes: Optional[Mapping[str, Optional[float]]] = None) -> list[int]:
+        system, turns = normalize_prompt(prompt, self.schema)
+        return prompt_ids(self.format, self.tokenizer, self.schema, system, turns, self.resolve_attributes(attributes))
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Prompt], attributes=None, *, max_new_tokens: int = 256, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                 batch_size: int = 16) -> list[dict]:
+        """-> [{text, tokens, stopped, attributes}] in input order.
+
+        attributes: None (card defaults), one mapping for all prompts, or a list with one mapping per prompt.
+        tokens: generated tokens before the stop string / eos; stopped: hit a stop string or eos
+        (False: ran out of max_new_tokens).
+        """
+        check_options(max_new_tokens, do_sample, temperature, top_p, top_k, batch_size)
+        if isinstance(prompts, (str, Mapping)):
+            raise ConfigError("generate() takes a list of prompts")
+        if attributes is None or isinstance(attributes, Mapping):
+            per_prompt = [attributes] * len(prompts)
+        else:
+            per_prompt = list(attributes)
+            if len(per_prompt) != len(prompts):
+                raise ConfigError(f"{len(per_prompt)} attribute mappings for {len(prompts)} prompts")
+        resolved = [self.resolve_attributes(a) for a in per_prompt]
+        ids = []
+        for i, p in enumerate(prompts):
+            try:
+                system, turns = normalize_prompt(p, self.schema)
+            except PromptError as e:
+                raise DataError("prompts", i + 1, e.field, e.message) from None
+            ids.append(prompt_ids(self.format, self.tokenizer, self.schema, system, turns, resolved[i]))
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {"do_sample": False}
+        order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+        results: list[Optional[dict]] = [None] * len(ids)
+        t0 = time.time()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                for i, new in zip(batch, self._generate_batch([ids[i] for i in batch], max_new_tokens, sampling)):
+                    results[i] = {**new, "attributes": resolved[i]}
+        self.stats.prompts += len(ids)
+        self.stats.prompt_tokens += sum(map(len, ids))
+        self.stats.seconds += time.time() - t0
+        return results
+
+    def _generate_batch(self, seqs: list[list[int]], max_new_tokens: int, sampling: dict) -> list[dict]:
+        pad = self.tokenizer.pad_token_id
+        width = max(map(len, seqs))
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        stops = dict(stop_strings=self.hf_stop_strings, tokenizer=self.tokenizer) if self.hf_stop_strings else {}
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  eos_token_id=self.eos_ids, pad_token_id=pad, **stops, **sampling)
+        return [self._cut(row.tolist()) for row in out[:, width:].cpu()]
+
+    def _cut(self, new_ids: list[int]) -> dict:
+        """Generated ids (finished rows are padded on the right) -> text up to the first eos / stop string."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        eos_at = next((k for k, t in enumerate(new_ids) if t in self.eos_ids), None)
+        ids = new_ids[:eos_at] if eos_at is not None else new_ids
+        while eos_at is None and ids and ids[-1] == self.tokenizer.pad_token_id:
+            ids = ids[:-1]  # a row that stopped at a stop string, padded while the batch went on
+        self.stats.generated_tokens += len(ids) + (eos_at is not None)
+        text = decode(ids)
+        hits = [p for p in (text.find(s) for s in self.stop_strings) if p >= 0]
+        n_tokens = len(ids)
+        if hits:
+            cut = min(hits)
+            lo, hi = 0, len(ids)  # binary search: the most tokens whose text ends at or before the stop string
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if len(decode(ids[:mid])) <= cut else (lo, mid - 1)
+            text, n_tokens = text[:cut], lo
+        if self.format.template == "nemo" and text.endswith(END_OF_TURN):
+            text = text[:-len(END_OF_TURN)]  # NeMo writes "{response}\n<extra_id_1>"
+        return {"text": text, "tokens": n_tokens, "stopped": eos_at is not None or bool(hits)}
+
+
+def check_options(max_new_tokens, do_sample, temperature, top_p, top_k, batch_size) -> None:
+    if int(max_new_tokens) < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if do_sample and not (float(temperature) > 0 and 0 < float(top_p) <= 1 and int(top_k) >= 0):
+        raise ConfigError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+
+
+# ===== the recipe (recipes/generate.py) ==========================================================
+def read_prompts_file(path: str, schema: AttributeSchema) -> list[Prompt]:
+    """.txt: one prompt per line; .jsonl: {"prompt": str} or {"system", "turns"} per line. Blank lines are skipped."""
+    p = Path(path)
+    if p.suffix not in (".txt", ".jsonl"):
+        raise ConfigError(f"prompts_file {path}: use a .txt (one prompt per line) or .jsonl file")
+    if not p.exists():
+        raise FileNotFoundError(f"prompts_file {path} does not exist")
+    prompts: list[Prompt] = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix == ".txt":
+            prompts.append(line)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, n, None, f"not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(path, n, None, "a line must be a JSON object with 'prompt' or 'turns'")
+        if "prompt" in row:
+            if not isinstance(row["prompt"], str) or not row["prompt"]:
+                raise DataError(path, n, "prompt", "must be a non-empty string")
+            row = {"system": row.get("system"), "turns": [{"role": "user", "content": row["prompt"]}]}
+        elif "turns" not in row:
+            raise DataError(path, n, "prompt", "missing: give 'prompt' (a string) or 'turns' (a conversation)")
+        try:
+            normalize_prompt(row, schema)
+        except PromptError as e:
+            raise DataError(path, n, e.field, e.message) from None
+        prompts.append(row)
+    if not prompts:
+        raise DataError(path, None, None, "no prompts in the file")
+    return prompts
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    if (cfg.prompt is None) == (cfg.prompts_file is None):
+        raise ConfigError("give exactly one of prompt='...' or prompts_file=<.txt|.jsonl>")
+    if cfg.output is not None and not str(cfg.output).endswith(".jsonl"):
+        raise ConfigError(f"output {cfg.output}: must be a .jsonl path (or null: stdout)")
+    overrides = OmegaConf.to_container(cfg.attributes, resolve=True) or {}
+    # a bad attribute fails before the weights load
+    attributes = resolve_attributes(read_card(cfg.model.path), AttributeSchema.load(cfg.model.path), overrides)
+    model = SteerableModel.load(cfg.model.path, cfg.device, cfg.precision)
+    if cfg.prompt is not None:
+        prompts: list[Prompt] = [{"system": cfg.system, "turns": [{"role": "user", "content": str(cfg.prompt)}]}]
+    else:
+        prompts = [{"system": cfg.system, "turns": [{"role": "user", "content": p}]} if isinstance(p, str) else p
+                   for p in read_prompts_file(cfg.prompts_file, model.schema)]
+    options = OmegaConf.to_container(cfg.generation, resolve=True)
+    outputs = model.generate(prompts, attributes, **options)
+    rows = []
+    for i, (p, o) in enumerate(zip(prompts, outputs)):
+        label = model.schema.format_label(o["attributes"])
+        print(f"=== {i + 1}/{len(prompts)} [{label}] ({o['tokens']} tokens{', stopped' if o['stopped'] else ''})")
+        print(o["text"], flush=True)
+        rows.append({"system": p.get("system"), "turns": p["turns"], "response": o["text"], "tokens": o["tokens"],
+                     "stopped": o["stopped"], "attributes": o["attributes"], "label": label})
+    if cfg.output is not None:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cfg.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    s = model.stats.to_dict()
+    print(f"generate: {len(rows)} responses, {s['generated_tokens']} tokens in {s['seconds']} s "
+          f"({s['tokens_per_s']} tokens/s) on {model.device}" + (f"; written to {cfg.output}" if cfg.output else ""),
+          file=sys.stderr, flush=True)
+    return rows

@@ -1,0 +1,285 @@
+"""Stage 3: attribute-conditioned SFT — a policy that follows attribute values given in its prompt.
+
+Reads top to bottom: set up (process group, schema, tokenizer, data, model, optimizer), train,
+evaluate, export. The objective over a global batch B of conversations is
+
+    L = (1 / N_B) · Σ_{c ∈ B} Σ_{t ∈ trained(c)} −log p_θ(x_t | x_<t, c's label strings)
+
+where trained(c) are the response tokens plus each turn's stop string (`sft_template`), and N_B
+is the number of trained tokens in B. Dividing by N_B of the *global* batch (not per micro-batch,
+as NeMo-Aligner does) makes the step identical under any packing, micro-batching or world size.
+
+Features and their config keys:
+- `template` nemo | hf, `sft_format.*`: NeMo-Aligner's exact `<extra_id_*>` rendering, or the
+  tokenizer's chat template with the same attribute segment after the assistant header.
+- `packing`, `pack_length`: conversations of a global batch packed into rows (BFD), position ids
+  restarting per conversation, so attention stays inside each one. A startup probe checks that
+  the model honours packed position ids and refuses to pack one that does not.
+- `attribute_dropout`: train on random attribute subsets (see `sft_data`).
+- `model.lora.enabled` (peft LoRA, `model/` = adapter, `merged/` = merged model) or full fine-tune.
+- `engine.strategy` single / ddp / fsdp2 under torchrun; `resume=auto` like stage 1.
+- The steerable attributes, their order and defaults (`default_attributes`) are saved with the
+  model in `steerlm_sft.json`.
+
+Raises:
+    SchemaMismatchError: the labeled data carries a different attribute schema.
+    DataError: bad rows; an over-length conversation under over_length=error; nothing to train on.
+    ConfigError: a model that ignores packed position ids with packing=true; unknown options.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from .. import checkpoint as ckpt
+from ..attributes import get_schema
+from ..data.batching import global_batches
+from ..data.packing import collate_packed, collate_padded
+from ..data.sources import load_mixture, require_input_schemas
+from ..data.split import split_by_group
+from ..engines import torch_engine as te
+from ..errors import ConfigError, DataError
+from ..logging import MetricLogger, print0
+from ..losses import next_token_nll
+from ..models.policy import apply_lora, load_causal_lm, make_card, save_policy
+from ..models.reward_model import load_tokenizer
+from ..sft_template import SFTFormat
+from . import sft_data as sd
+
+
+def run(cfg: DictConfig) -> dict:
+    t_start = time.time()
+    info = te.init_distributed(cfg.engine.device)
+    try:
+        return _run(cfg, info, t_start)
+    finally:
+        te.shutdown_distributed()
+
+
+def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
+    # ===== Setup ==============================================================================
+    strategy = te.resolve_strategy(cfg.engine.strategy, info)
+    amp_dtype = te.resolve_precision(cfg.engine.precision, info.device)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    schema = get_schema(cfg.schema)
+    fmt = SFTFormat.from_dict({"template": cfg.template, **OmegaConf.to_container(cfg.sft_format, resolve=True)})
+    lora = bool(cfg.model.lora.enabled)
+    pack_length = int(cfg.pack_length or cfg.max_length)
+    if cfg.packing and pack_length < cfg.max_length:
+        raise ConfigError(f"pack_length {pack_length} < max_length {cfg.max_length}: a conversation must fit a row")
+
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.pad_token)
+    data = setup_data(cfg, schema, tokenizer, fmt)
+    model = load_causal_lm(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
+                           attn_implementation=cfg.model.attn_implementation)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora:
+        model = apply_lora(model, OmegaConf.to_container(cfg.model.lora, resolve=True))
+    hf_model = model
+    model = te.wrap_model(model, strategy, info)
+    if cfg.packing:
+        check_packing_support(model, info.device, tokenizer.pad_token_id)
+    logger = MetricLogger(run_dir, is_main=info.is_main, wandb_cfg=cfg.logging.wandb,
+                          config=OmegaConf.to_container(cfg, resolve=True))
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = te.build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
+    train = data["train"]
+    G = cfg.train.global_batch_size
+    steps_per_epoch = math.ceil(len(train) / G)
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, te.lr_lambda(
+        cfg.optim.schedule, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
+
+    step, epoch, start_batch = 0, 0, 0
+    latest = ckpt.find_latest_checkpoint(run_dir) if cfg.resume == "auto" else (
+        None if cfg.resume in (None, "never") else Path(cfg.resume))
+    if latest is not None:
+        model_state, optim_state, state = ckpt.load_training_state(latest)
+        te.load_full_state(model, optimizer, model_state, optim_state, strict=not lora)
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+        print0(f"resumed from {latest} at step {step} (epoch {epoch}, batch {start_batch})")
+
+    # ===== Training ===========================================================================
+    print0(f"sft: {len(train)} train / {len(data['val'])} val conversations, {total_steps} steps of {G}, "
+           f"packing={cfg.packing} (rows <= {pack_length} tokens), lora={lora} ({n_trainable:,} trainable params), "
+           f"strategy={strategy}, world={info.world_size}, steerable={data['steerable']}")
+    world, pad_id = info.world_size, tokenizer.pad_token_id
+    # unpacked rows pad to the longest in a micro-batch: group similar lengths; packed rows need no grouping
+    group_by_length = (not cfg.packing) if cfg.train.group_by_length is None else bool(cfg.train.group_by_length)
+    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not info.is_main, dynamic_ncols=True)
+    t_train = time.time()
+    totals = {"tokens": 0, "trained": 0, "padded": 0}
+    while step < total_steps:
+        enc = sd.encode_epoch(train, fmt, tokenizer, schema, dropout=cfg.attribute_dropout, seed=cfg.seed, epoch=epoch)
+        lengths = [len(ids) for ids, _ in enc]
+        batches = global_batches(lengths, G, seed=cfg.seed, epoch=epoch, group_by_length=group_by_length)
+        for b in range(start_batch, len(batches)):
+            t0 = time.time()
+            gb = batches[b]
+            n_targets = sum(sum(enc[i][1]) for i in gb)  # N_B: trained tokens of the global batch
+            plan = sd.plan_step(gb, lengths, packing=cfg.packing, pack_length=pack_length, world_size=world,
+                                micro_batch_size=cfg.train.micro_batch_size)[info.rank]
+            model.train()
+            nll_sum, tokens, padded = 0.0, 0, 0
+            for j, rows in enumerate(plan):
+                weight = 1.0 if rows else 0.0  # an empty micro-batch: a weight-0 repeat keeps collectives in step
+                batch = make_batch(rows or [[gb[0]]], enc, cfg.packing, pad_id, info.device)
+                with te.grad_sync_context(model, strategy, sync=j == len(plan) - 1):
+                    with te.autocast(info.device, amp_dtype):
+                        nll, _ = next_token_nll(model, batch)
+                    (nll * (weight * world / n_targets)).backward()
+                nll_sum += float(nll.detach()) * weight
+                tokens += int(batch["n_tokens"]) if weight else 0
+                padded += batch["input_ids"].numel() if weight else 0
+            grad_norm = te.clip_grad_norm(model, cfg.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            nll_total, tok_total, pad_total = te.all_reduce_sum([nll_sum, tokens, padded], info.device)
+            totals["tokens"] += tok_total
+            totals["trained"] += n_targets
+            totals["padded"] += pad_total
+            dt = time.time() - t0
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                logger.log({"train/loss": nll_total / n_targets, "train/lr": scheduler.get_last_lr()[0],
+                            "train/grad_norm": grad_norm, "train/tokens_per_s": tok_total / dt,
+                            "train/trained_tokens_per_s": n_targets / dt,
+                            "train/packing_efficiency": tok_total / max(pad_total, 1),
+                            "train/peak_mem_mb": te.peak_memory_mb(info.device), "train/epoch": epoch}, step)
+            bar.update(1)
+            if cfg.train.save_every > 0 and step % cfg.train.save_every == 0 and step < total_steps:
+                save_state(run_dir, step, model, optimizer, scheduler, epoch, b + 1, len(batches), info, cfg, lora)
+            if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps:
+                logger.log({"validation/loss": evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype)}, step)
+            if step >= total_steps:
+                break
+        epoch, start_batch = epoch + 1, 0
+    bar.close()
+    train_time = time.time() - t_train
+
+    # ===== Evaluation and export ==============================================================
+    val_loss = evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype)
+    logger.log({"validation/loss": val_loss}, step)
+    state = te.full_model_state(model)  # collective under FSDP2
+    summary = {
+        "steps": step, "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - t_start, 2),
+        "tokens_per_s": round(totals["tokens"] / max(train_time, 1e-9), 1),
+        "trained_tokens_per_s": round(totals["trained"] / max(train_time, 1e-9), 1),
+        "packing_efficiency": round(totals["tokens"] / max(totals["padded"], 1), 4),
+        "tokens": totals["tokens"], "trained_tokens": totals["trained"],
+        "validation_loss": val_loss, "peak_mem_mb": round(te.peak_memory_mb(info.device), 1),
+        "world_size": info.world_size, "strategy": strategy, "lora": lora, "trainable_params": n_trainable,
+        "steerable_attributes": data["steerable"], "data": data["reports"],
+    }
+    if info.is_main:
+        card = make_card(fmt=fmt.to_dict(), schema=schema, steerable=data["steerable"],
+                         defaults=OmegaConf.to_container(cfg.default_attributes, resolve=True),
+                         base_model=str(cfg.model.path), max_length=cfg.max_length, lora=lora,
+                         extra={"attribute_dropout": cfg.attribute_dropout, "validation_loss": val_loss})
+        written = save_policy(run_dir / "model", hf_model=te.unwrap(hf_model), state=state, tokenizer=tokenizer,
+                              schema=schema, card=card, lora=lora, base_path=str(cfg.model.path),
+                              save_merged=lora and cfg.model.lora.save_merged, dtype=getattr(torch, cfg.model.dtype))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print0(f"sft: validation loss {val_loss:.4f}; {summary['tokens_per_s']} tokens/s (non-pad), packing "
+               f"efficiency {summary['packing_efficiency']:.1%}, peak {summary['peak_mem_mb']} MB")
+        print0(f"model written to {', '.join(str(p) for p in written)} ({summary['wall_time_s']} s)")
+    logger.close()
+    return {"summary": summary}
+
+
+# ===== Pieces ====================================================================================
+def setup_data(cfg: DictConfig, schema, tokenizer, fmt: SFTFormat) -> dict:
+    """Load (schema-checked), split by group, encode; report what was skipped."""
+    specs = [OmegaConf.to_container(s, resolve=True) for s in cfg.data.train]
+    require_input_schemas(specs, schema, other_what=f"schema {schema.name!r} of this run")
+    conversations, load_stats = load_mixture(specs, schema)
+    train_conv, val_conv = split_by_group(conversations, cfg.eval.val_fraction, cfg.seed)
+    where = ", ".join(str(s.get("path")) for s in specs)
+    kw = dict(max_length=cfg.max_length, over_length=cfg.over_length, where=where)
+    train, rep_train = sd.encode_examples(train_conv, fmt, tokenizer, schema, **kw)
+    val, rep_val = sd.encode_examples(val_conv, fmt, tokenizer, schema, **kw)
+    if not train:
+        raise DataError(where, None, None, "no trainable conversations after loading and filtering (see the skip counts)")
+    reports = {"load": load_stats, "train": rep_train.to_dict(), "val": rep_val.to_dict()}
+    print0(f"data: train {json.dumps({k: v for k, v in rep_train.to_dict().items() if k != 'attribute_counts'})}")
+    return {"train": train, "val": val, "reports": reports, "steerable": sd.steerable_attributes(rep_train, schema)}
+
+
+def make_batch(rows: list[list[int]], enc: list, packing: bool, pad_id: int, device: torch.device) -> dict:
+    if packing:
+        batch = collate_packed([[enc[i] for i in row] for row in rows], pad_id)
+    else:
+        batch = collate_padded([enc[row[0]] for row in rows], pad_id)
+    batch["n_tokens"] = sum(len(enc[i][0]) for row in rows for i in row)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def check_packing_support(model, device: torch.device, pad_id: int) -> None:
+    """Refuse to pack for a model whose attention ignores packed position ids (it would attend across conversations)."""
+    g = torch.Generator().manual_seed(0)
+    vocab = min(1000, getattr(getattr(te.unwrap(model), "config", None), "vocab_size", 1000))
+    a = torch.randint(10, vocab, (1, 6), generator=g)
+    b = torch.randint(10, vocab, (1, 7), generator=g)
+    was_training = model.training
+    model.eval()
+    alone = model(input_ids=b.to(device), use_cache=False).logits[0, -1].float()
+    packed_ids = torch.cat([a, b], 1).to(device)
+    pos = torch.cat([torch.arange(6), torch.arange(7)])[None].to(device)
+    packed = model(input_ids=packed_ids, position_ids=pos, use_cache=False).logits[0, -1].float()
+    model.train(was_training)
+    te.reshard(model)
+    if not torch.allclose(alone, packed, atol=1e-3, rtol=1e-3):
+        raise ConfigError(f"{type(te.unwrap(model)).__name__} attends across packed sequences (it ignores packed "
+                          "position ids with this attn_implementation): set packing=false")
+
+
+@torch.no_grad()
+def evaluate_loss(model, val: list, cfg: DictConfig, info: te.DistInfo, pad_id: int, amp_dtype) -> float:
+    """Token-mean NLL of the held-out conversations (full label strings), sharded over ranks."""
+    if not val:
+        return float("nan")
+    model.eval()
+    enc = [(ex["ids"], ex["mask"]) for ex in val]
+    lengths = [len(ids) for ids, _ in enc]
+    order = sorted(range(len(val)), key=lambda i: -lengths[i])
+    plan = sd.plan_step(order, lengths, packing=cfg.packing, pack_length=int(cfg.pack_length or cfg.max_length),
+                        world_size=info.world_size, micro_batch_size=cfg.train.micro_batch_size)[info.rank]
+    nll_sum, n_sum = 0.0, 0
+    for rows in plan:
+        batch = make_batch(rows or [[order[0]]], enc, cfg.packing, pad_id, info.device)
+        with te.autocast(info.device, amp_dtype):
+            nll, n = next_token_nll(model, batch)
+        if rows:
+            nll_sum, n_sum = nll_sum + float(nll), n_sum + n
+    te.reshard(model)
+    nll_total, n_total = te.all_reduce_sum([nll_sum, n_sum], info.device)
+    return round(nll_total / max(n_total, 1), 5)
+
+
+def save_state(run_dir, step, model, optimizer, scheduler, epoch, next_batch, n_batches, info, cfg, lora) -> None:
+    if next_batch >= n_batches:
+        epoch, next_batch = epoch + 1, 0
+    model_state = te.full_model_state(model)  # collective under FSDP2: every rank calls it
+    if lora:  # the frozen base is model.path itself: save the adapter only
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in trainable}
+    optim_state = te.full_optimizer_state(model, optimizer)
+    if info.is_main:
+        ckpt.save_training_state(run_dir, step, model_state=model_state, optimizer_state=optim_state,
+                                 state={"epoch": epoch, "batch_in_epoch": next_batch, "scheduler": scheduler.state_dict()},
+                                 keep_last=cfg.train.keep_checkpoints)
+    te.barrier()
