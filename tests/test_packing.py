@@ -12,6 +12,7 @@ from steerlm.data.packing import collate_packed, collate_padded, pack_sequences
 from steerlm.data.sources import load_mixture
 from steerlm.errors import ConfigError
 from steerlm.losses import next_token_nll
+from steerlm.models.packed_attention import PACKED_SDPA, register
 from steerlm.models.reward_model import load_tokenizer
 from steerlm.sft_template import SFTFormat, encode_conversation
 from steerlm.stages.sft import check_packing_support
@@ -65,10 +66,10 @@ def tiny(tiny_model_dir):
     return tok, model, enc
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 def test_packed_loss_equals_unpacked_loss(tiny, attn):
     tok, model, enc = tiny
-    model.set_attn_implementation(attn)
+    model.set_attn_implementation(register() if attn == PACKED_SDPA else attn)
     with torch.no_grad():
         packed_nll, packed_n = next_token_nll(model, collate_packed([enc], tok.pad_token_id))
         padded_nll, padded_n = next_token_nll(model, collate_padded(enc, tok.pad_token_id))
@@ -94,3 +95,30 @@ def test_packing_probe_accepts_llama_and_rejects_a_model_that_ignores_positions(
 
     with pytest.raises(ConfigError, match="packing=false"):
         check_packing_support(IgnoresPositions(model), torch.device("cpu"), tok.pad_token_id)
+
+
+def test_packed_sdpa_runs_one_causal_call_per_conversation(tiny, monkeypatch):
+    """A single packed row goes through per-conversation causal sdpa (no mask); several rows fall back to sdpa."""
+    import transformers.integrations.sdpa_attention as sdpa_mod
+
+    tok, model, enc = tiny
+    model.set_attn_implementation(register())
+    calls = []
+    real = sdpa_mod.sdpa_attention_forward
+
+    def spy(module, q, k, v, mask, **kw):
+        calls.append((q.shape[2], mask is None, kw.get("is_causal")))
+        return real(module, q, k, v, mask, **kw)
+
+    monkeypatch.setattr(sdpa_mod, "sdpa_attention_forward", spy)
+    layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        one_row = collate_packed([enc[:3]], tok.pad_token_id)
+        assert one_row["cu_seq_lens_q"].tolist() == [0, len(enc[0][0]), len(enc[0][0]) + len(enc[1][0]),
+                                                    sum(len(e[0]) for e in enc[:3])]
+        next_token_nll(model, one_row)
+        assert calls == [(len(e[0]), True, True) for e in enc[:3]] * layers
+        calls.clear()
+        next_token_nll(model, collate_packed([enc[:2], enc[2:3]], tok.pad_token_id))
+        assert len(calls) == layers and not calls[0][1]  # two rows: one masked sdpa call per layer
+    model.set_attn_implementation("sdpa")

@@ -74,7 +74,8 @@ def next_token_nll(model, batch: dict) -> tuple[torch.Tensor, int]:
     keep = torch.zeros_like(m)
     keep[:, :-1] = m[:, 1:]
     targets = ids[:, 1:][m[:, 1:]]
-    extra = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
+    extra = {k: batch[k] for k in ("position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k",
+                                   "max_length_q", "max_length_k") if k in batch}
     logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False, **extra).logits  # (N, V)
     nll = F.cross_entropy(logits.float(), targets, reduction="sum")
     return nll, int(targets.numel())

@@ -5,7 +5,9 @@ no attention mask is passed. transformers then builds a block-diagonal causal ma
 position restarts (`masking_utils.find_packed_sequence_indices`) for sdpa/eager attention, and
 flash-attention kernels run padding-free varlen attention from the same position ids. Rows in a
 micro-batch are padded at the end; the padding restarts its positions too, so it is its own
-"sequence" that no real token attends to, and its labels are masked.
+"sequence" that no real token attends to, and its labels are masked. A micro-batch of one row
+also carries flash-attention's varlen kwargs (`cu_seq_lens_q/k`, `max_length_q/k`), which
+flash kernels and `models.packed_attention` turn into per-conversation attention without a mask.
 
 Packing is best-fit decreasing (BFD): longest sequence first, into the row with the least room
 that still fits it. Deterministic for a given list of lengths.
@@ -17,6 +19,8 @@ import bisect
 from typing import Sequence
 
 import torch
+
+from ..models.packed_attention import cu_seq_lens
 
 IGNORE = -100
 
@@ -68,7 +72,12 @@ def collate_packed(rows: Sequence[Sequence[tuple[list[int], list[bool]]]], pad_i
         position_ids[r, :n] = torch.tensor(pos)
         position_ids[r, n:] = torch.arange(T - n)  # the padding is a separate "sequence"
         loss_mask[r, :n] = torch.tensor(mask)
-    return {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask}
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask}
+    if B == 1:  # one row: the flash-attention varlen kwargs (models.packed_attention uses them with sdpa)
+        lens = [len(seq_ids) for seq_ids, _ in rows[0]]
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu_seq_lens(lens)
+        batch["max_length_q"] = batch["max_length_k"] = max(lens)
+    return batch
 
 
 def collate_padded(seqs: Sequence[tuple[list[int], list[bool]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -48,6 +48,7 @@ from ..engines import torch_engine as te
 from ..errors import ConfigError, DataError
 from ..logging import MetricLogger, print0
 from ..losses import next_token_nll
+from ..models import packed_attention
 from ..models.policy import apply_lora, load_causal_lm, make_card, save_policy
 from ..models.reward_model import load_tokenizer
 from ..sft_template import SFTFormat
@@ -79,8 +80,10 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.pad_token)
     data = setup_data(cfg, schema, tokenizer, fmt)
-    model = load_causal_lm(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
-                           attn_implementation=cfg.model.attn_implementation)
+    attn = cfg.model.attn_implementation
+    if cfg.packing and attn == "sdpa":  # per-conversation causal sdpa instead of a block-diagonal mask
+        attn = packed_attention.register()
+    model = load_causal_lm(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), attn_implementation=attn)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -237,9 +240,9 @@ def check_packing_support(model, device: torch.device, pad_id: int) -> None:
     was_training = model.training
     model.eval()
     alone = model(input_ids=b.to(device), use_cache=False).logits[0, -1].float()
-    packed_ids = torch.cat([a, b], 1).to(device)
-    pos = torch.cat([torch.arange(6), torch.arange(7)])[None].to(device)
-    packed = model(input_ids=packed_ids, position_ids=pos, use_cache=False).logits[0, -1].float()
+    packed = collate_packed([[(a[0].tolist(), [False] * 6), (b[0].tolist(), [False] * 7)]], pad_id)
+    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in packed.items() if k != "loss_mask"}
+    packed = model(**kwargs, use_cache=False).logits[0, -1].float()
     model.train(was_training)
     te.reshard(model)
     if not torch.allclose(alone, packed, atol=1e-3, rtol=1e-3):
