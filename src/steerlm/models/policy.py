@@ -14,7 +14,9 @@ no flags to steer the model the way it was trained.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -46,7 +48,16 @@ def apply_lora(model, lora_cfg: Mapping):
                         lora_dropout=float(lora_cfg.get("dropout", 0.0)),
                         target_modules=list(targets) if not isinstance(targets, str) else targets,
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with quiet_peft():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft 0.21 calls transformers' deprecated `is_gradient_checkpointing`: a warning per load that users cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def make_card(*, fmt: dict, schema: AttributeSchema, steerable: Sequence[str], defaults: Mapping[str, float],
@@ -113,4 +124,5 @@ def load_for_generation(path: str, *, dtype: torch.dtype = torch.float32, attn_i
     if not Path(base_path).exists() and "/" not in base_path:
         raise ConfigError(f"{path}: adapter base {base_path!r} not found")
     base = load_causal_lm(base_path, dtype=dtype, attn_implementation=attn_implementation)
-    return PeftModel.from_pretrained(base, path).merge_and_unload()
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, path).merge_and_unload()
