@@ -46,6 +46,26 @@ def run_recipe(recipe: str, *overrides: str, torchrun: int = 0, env: dict | None
     return proc
 
 
+def kill_9_after_checkpoint(recipe: str, overrides: list[str], run_dir: Path, step: int, timeout: int = 300) -> None:
+    """Start a recipe and SIGKILL it as soon as `run_dir/checkpoints/latest` reaches `step`."""
+    import signal
+    import time
+
+    cmd = [PY, str(REPO / "recipes" / f"{recipe}.py"), *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= f"step_{step:08d}":
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run_dir / "model").exists()
+
+
 def tiny_reward_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     """A few-second reward run on the tiny model: fp32, small batches, no checkpoints unless asked."""
     return [f"model.path={model_dir}", "model.freeze_backbone=false", f"run_dir={run_dir}",
@@ -59,5 +79,5 @@ HS2_SAMPLE = "data/helpsteer2/helpsteer2_train_first100.jsonl"
 def tiny_sft_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     """A few-second SFT run on the tiny model with the bundled HelpSteer2 rows (human labels), fp32."""
     return [f"model.path={model_dir}", f"run_dir={run_dir}", f"data.train=[{{format: helpsteer2, path: {HS2_SAMPLE}}}]",
-            "engine.precision=fp32", "max_length=2048", "train.max_steps=3", "train.global_batch_size=8",
+            "engine.precision=fp32", "max_length=2048", "pack_length=null", "train.max_steps=3", "train.global_batch_size=8",
             "train.save_every=0", "model.lora.save_merged=false", *extra]

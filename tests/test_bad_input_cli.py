@@ -8,7 +8,7 @@ The recipes end a run on bad input with exactly one stderr line,
 from __future__ import annotations
 
 import json
-from pathlib import Path
+
 
 import pytest
 

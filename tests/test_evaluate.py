@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from conftest import run_recipe, tiny_reward_overrides
+from conftest import HS2_SAMPLE as HS2, run_recipe, tiny_reward_overrides
 from steerlm.attributes import BUILTIN_SCHEMAS
 from steerlm.errors import ConfigError
 from steerlm.stages.evaluate import check_levels, choose_attributes, format_table, load_prompts, steerability_report
-from test_generate import HS2, HS2_ATTRS, train_tiny_sft
+from test_generate import HS2_ATTRS, train_tiny_sft
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LEVELS = [0, 2, 4]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HS2_SAMPLE as HS2, run_recipe, tiny_sft_overrides
+from conftest import run_recipe, tiny_sft_overrides
 from steerlm.errors import ConfigError, DataError
 from steerlm.stages.generate import SteerableModel, read_prompts_file
 

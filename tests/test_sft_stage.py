@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PY, REPO, run_recipe, tiny_sft_overrides
+from conftest import kill_9_after_checkpoint, run_recipe, tiny_sft_overrides
 from steerlm.attributes import get_schema
 from steerlm.logging import read_metrics
 from steerlm.stages.sft_data import dropout_labels
@@ -70,19 +66,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(tiny_model_dir, tmp_
     run_recipe("train_sft", *tiny_sft_overrides(tiny_model_dir, tmp_path / "full", *steps))
 
     killed = tmp_path / "killed"
-    cmd = [PY, str(REPO / "recipes/train_sft.py"), *tiny_sft_overrides(tiny_model_dir, killed, *steps)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and latest.read_text().strip() >= "step_00000008":
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (killed / "model").exists()
+    kill_9_after_checkpoint("train_sft", tiny_sft_overrides(tiny_model_dir, killed, *steps), killed, 8)
 
     run_recipe("train_sft", *tiny_sft_overrides(tiny_model_dir, killed, *steps, "resume=auto"))
     assert_same_weights(weights(killed), weights(tmp_path / "full"), rtol=0, atol=0)

@@ -50,20 +50,14 @@ from ..logging import MetricLogger, print0
 from ..losses import PAIR_LOSSES, bradley_terry, masked_mse, scalarize
 from ..metrics import beats_baseline, format_table, pairwise_accuracy, regression_metrics
 from ..models.reward_model import check_checkpoint_schema, load_reward_model, load_tokenizer
+from .training import maybe_resume, run_distributed, save_state
 from . import reward_data as rd
 from ..scoring import RM_CARD
 from .reward_forward import FeatureCache, RewardForward
 
 
-
-
 def run(cfg: DictConfig) -> dict:
-    t_start = time.time()
-    info = te.init_distributed(cfg.engine.device)
-    try:
-        return _run(cfg, info, t_start)
-    finally:
-        te.shutdown_distributed()
+    return run_distributed(_run, cfg)
 
 
 def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
@@ -106,15 +100,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         cfg.optim.schedule, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
     pair_w = torch.tensor(pair_weights(cfg, schema), device=info.device)
 
-    step, epoch, start_batch = 0, 0, 0
-    latest = ckpt.find_latest_checkpoint(run_dir) if cfg.resume == "auto" else (
-        None if cfg.resume in (None, "never") else Path(cfg.resume))
-    if latest is not None:
-        model_state, optim_state, state = ckpt.load_training_state(latest)
-        te.load_full_state(model, optimizer, model_state, optim_state, strict=not frozen)
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        print0(f"resumed from {latest} at step {step} (epoch {epoch}, batch {start_batch})")
+    step, epoch, start_batch = maybe_resume(cfg.resume, run_dir, model, optimizer, scheduler, strict=not frozen)
 
     # ===== Training ===========================================================================
     print0(f"reward: {len(train_items)} train {'pairs' if pair_objective else 'samples'}, "
@@ -160,7 +146,9 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                            echo=not frozen)
             bar.update(1)
             if cfg.train.save_every > 0 and step % cfg.train.save_every == 0 and step < total_steps:
-                save_state(run_dir, step, model, optimizer, scheduler, epoch, b + 1, len(batches), info, cfg)
+                save_state(run_dir, step, model, optimizer, scheduler, epoch=epoch, next_batch=b + 1,
+                           n_batches=len(batches), info=info, keep_last=cfg.train.keep_checkpoints,
+                           trainable_only=cfg.model.freeze_backbone)
             if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps:
                 logger.log(flatten_eval(evaluate(forward, data, schema, cfg)), step)
                 te.reshard(model)  # FSDP2: drop the unsharded copy the eval forward left behind
@@ -281,19 +269,3 @@ def flatten_eval(results: dict) -> dict:
     for name, acc in results["pairwise_accuracy"].items():
         out[f"validation/pair_acc/{name}"] = acc["accuracy"]
     return out
-
-
-def save_state(run_dir, step, model, optimizer, scheduler, epoch, next_batch, n_batches, info, cfg) -> None:
-    if next_batch >= n_batches:
-        epoch, next_batch = epoch + 1, 0
-    model_state = te.full_model_state(model)  # collective under FSDP2: every rank calls it
-    if cfg.model.freeze_backbone:  # the frozen backbone is model.path itself: save the trained part only
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        model_state = {k: v for k, v in model_state.items() if k in trainable}
-    optim_state = te.full_optimizer_state(model, optimizer)
-    if info.is_main:
-        ckpt.save_training_state(run_dir, step, model_state=model_state, optimizer_state=optim_state,
-                                 state={"epoch": epoch, "batch_in_epoch": next_batch,
-                                        "scheduler": scheduler.state_dict()},
-                                 keep_last=cfg.train.keep_checkpoints)
-    te.barrier()

@@ -38,7 +38,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from .. import checkpoint as ckpt
 from ..attributes import get_schema
 from ..data.batching import global_batches
 from ..data.packing import collate_packed, collate_padded
@@ -52,16 +51,12 @@ from ..models import packed_attention
 from ..models.policy import apply_lora, load_causal_lm, make_card, save_policy
 from ..models.reward_model import load_tokenizer
 from ..sft_template import SFTFormat
+from .training import maybe_resume, run_distributed, save_state
 from . import sft_data as sd
 
 
 def run(cfg: DictConfig) -> dict:
-    t_start = time.time()
-    info = te.init_distributed(cfg.engine.device)
-    try:
-        return _run(cfg, info, t_start)
-    finally:
-        te.shutdown_distributed()
+    return run_distributed(_run, cfg)
 
 
 def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
@@ -104,15 +99,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, te.lr_lambda(
         cfg.optim.schedule, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
 
-    step, epoch, start_batch = 0, 0, 0
-    latest = ckpt.find_latest_checkpoint(run_dir) if cfg.resume == "auto" else (
-        None if cfg.resume in (None, "never") else Path(cfg.resume))
-    if latest is not None:
-        model_state, optim_state, state = ckpt.load_training_state(latest)
-        te.load_full_state(model, optimizer, model_state, optim_state, strict=not lora)
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        print0(f"resumed from {latest} at step {step} (epoch {epoch}, batch {start_batch})")
+    step, epoch, start_batch = maybe_resume(cfg.resume, run_dir, model, optimizer, scheduler, strict=not lora)
 
     # ===== Training ===========================================================================
     print0(f"sft: {len(train)} train / {len(data['val'])} val conversations, {total_steps} steps of {G}, "
@@ -164,7 +151,9 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                             "train/peak_mem_mb": te.peak_memory_mb(info.device), "train/epoch": epoch}, step)
             bar.update(1)
             if cfg.train.save_every > 0 and step % cfg.train.save_every == 0 and step < total_steps:
-                save_state(run_dir, step, model, optimizer, scheduler, epoch, b + 1, len(batches), info, cfg, lora)
+                save_state(run_dir, step, model, optimizer, scheduler, epoch=epoch, next_batch=b + 1,
+                           n_batches=len(batches), info=info, keep_last=cfg.train.keep_checkpoints,
+                           trainable_only=lora)
             if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps:
                 logger.log({"validation/loss": evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype)}, step)
             if step >= total_steps:
@@ -271,18 +260,3 @@ def evaluate_loss(model, val: list, cfg: DictConfig, info: te.DistInfo, pad_id: 
     te.reshard(model)
     nll_total, n_total = te.all_reduce_sum([nll_sum, n_sum], info.device)
     return round(nll_total / max(n_total, 1), 5)
-
-
-def save_state(run_dir, step, model, optimizer, scheduler, epoch, next_batch, n_batches, info, cfg, lora) -> None:
-    if next_batch >= n_batches:
-        epoch, next_batch = epoch + 1, 0
-    model_state = te.full_model_state(model)  # collective under FSDP2: every rank calls it
-    if lora:  # the frozen base is model.path itself: save the adapter only
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        model_state = {k: v for k, v in model_state.items() if k in trainable}
-    optim_state = te.full_optimizer_state(model, optimizer)
-    if info.is_main:
-        ckpt.save_training_state(run_dir, step, model_state=model_state, optimizer_state=optim_state,
-                                 state={"epoch": epoch, "batch_in_epoch": next_batch, "scheduler": scheduler.state_dict()},
-                                 keep_last=cfg.train.keep_checkpoints)
-    te.barrier()
