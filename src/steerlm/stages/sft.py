@@ -69,9 +69,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     schema = get_schema(cfg.schema)
     fmt = SFTFormat.from_dict({"template": cfg.template, **OmegaConf.to_container(cfg.sft_format, resolve=True)})
     lora = bool(cfg.model.lora.enabled)
-    pack_length = int(cfg.pack_length or cfg.max_length)
-    if cfg.packing and pack_length < cfg.max_length:
-        raise ConfigError(f"pack_length {pack_length} < max_length {cfg.max_length}: a conversation must fit a row")
+    pack_length = effective_pack_length(cfg)
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.pad_token)
     data = setup_data(cfg, schema, tokenizer, fmt)
@@ -210,6 +208,11 @@ def setup_data(cfg: DictConfig, schema, tokenizer, fmt: SFTFormat) -> dict:
     return {"train": train, "val": val, "reports": reports, "steerable": sd.steerable_attributes(rep_train, schema)}
 
 
+def effective_pack_length(cfg: DictConfig) -> int:
+    """Row capacity: `pack_length`, raised to `max_length` so that every kept conversation fits a row."""
+    return max(int(cfg.pack_length or cfg.max_length), int(cfg.max_length))
+
+
 def make_batch(rows: list[list[int]], enc: list, packing: bool, pad_id: int, device: torch.device) -> dict:
     if packing:
         batch = collate_packed([[enc[i] for i in row] for row in rows], pad_id)
@@ -248,7 +251,7 @@ def evaluate_loss(model, val: list, cfg: DictConfig, info: te.DistInfo, pad_id: 
     enc = [(ex["ids"], ex["mask"]) for ex in val]
     lengths = [len(ids) for ids, _ in enc]
     order = sorted(range(len(val)), key=lambda i: -lengths[i])
-    plan = sd.plan_step(order, lengths, packing=cfg.packing, pack_length=int(cfg.pack_length or cfg.max_length),
+    plan = sd.plan_step(order, lengths, packing=cfg.packing, pack_length=effective_pack_length(cfg),
                         world_size=info.world_size, micro_batch_size=cfg.train.micro_batch_size)[info.rank]
     nll_sum, n_sum = 0.0, 0
     for rows in plan:
