@@ -249,6 +249,11 @@ def print_table(rows: list[dict]) -> None:
             ("pad_fraction", "pad frac", "{:.1%}"), ("steady_seconds", "s (2..N)", "{:.2f}"),
             ("tokens_per_s", "tok/s (2..N)", "{:.1f}"), ("all_steps_tokens_per_s", "tok/s (all)", "{:.1f}"),
             ("peak_mem_mb", "peak MB", "{:.0f}")]
+    render_table(rows, cols)
+
+
+def render_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+    """Print rows as an aligned table; cols = (key, header, format)."""
     cells = [[h for _, h, _ in cols]] + [[f.format(r[k]) for k, _, f in cols] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
     for i, c in enumerate(cells):

@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_reward import run_child  # noqa: E402  (same subprocess + other-CPU-use measurement)
+from bench_reward import render_table, run_child  # noqa: E402  (same subprocess + other-CPU-use measurement)
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.5
@@ -269,12 +269,7 @@ def print_table(rows: list[dict]) -> None:
             ("trained_tokens", "trained tok", "{}"), ("packing_efficiency", "pack eff", "{:.1%}"),
             ("steady_seconds", "s (2..N)", "{:.1f}"), ("tokens_per_s", "tok/s (2..N)", "{:.1f}"),
             ("all_steps_tokens_per_s", "tok/s (all)", "{:.1f}"), ("peak_mem_mb", "peak RSS MB", "{:.0f}")]
-    cells = [[h for _, h, _ in cols]] + [[f.format(r[k]) for k, _, f in cols] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-    for i, c in enumerate(cells):
-        print("  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(c, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    render_table(rows, cols)
 
 
 def bench_precision(args, precision: str, model_path: str, tmp: str, env: dict) -> dict:

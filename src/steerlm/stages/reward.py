@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,7 +49,7 @@ from ..logging import MetricLogger, print0
 from ..losses import PAIR_LOSSES, bradley_terry, masked_mse, scalarize
 from ..metrics import beats_baseline, format_table, pairwise_accuracy, regression_metrics
 from ..models.reward_model import check_checkpoint_schema, load_reward_model, load_tokenizer
-from .training import maybe_resume, run_distributed, save_state
+from .training import maybe_resume, prepare_run, run_distributed, save_state
 from . import reward_data as rd
 from ..scoring import RM_CARD
 from .reward_forward import FeatureCache, RewardForward
@@ -62,11 +61,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     # ===== Setup ==============================================================================
-    strategy = te.resolve_strategy(cfg.engine.strategy, info)
-    amp_dtype = te.resolve_precision(cfg.engine.precision, info.device)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    strategy, amp_dtype, run_dir = prepare_run(cfg, info)
     schema = get_schema(cfg.schema)
     pair_objective = cfg.loss.type in PAIR_LOSSES
     if cfg.loss.type != "mse" and not pair_objective:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -51,7 +50,7 @@ from ..models import packed_attention
 from ..models.policy import apply_lora, load_causal_lm, make_card, save_policy
 from ..models.reward_model import load_tokenizer
 from ..sft_template import SFTFormat
-from .training import maybe_resume, run_distributed, save_state
+from .training import maybe_resume, prepare_run, run_distributed, save_state
 from . import sft_data as sd
 
 
@@ -61,11 +60,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     # ===== Setup ==============================================================================
-    strategy = te.resolve_strategy(cfg.engine.strategy, info)
-    amp_dtype = te.resolve_precision(cfg.engine.precision, info.device)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    strategy, amp_dtype, run_dir = prepare_run(cfg, info)
     schema = get_schema(cfg.schema)
     fmt = SFTFormat.from_dict({"template": cfg.template, **OmegaConf.to_container(cfg.sft_format, resolve=True)})
     lora = bool(cfg.model.lora.enabled)
@@ -179,7 +174,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                          defaults=OmegaConf.to_container(cfg.default_attributes, resolve=True),
                          base_model=str(cfg.model.path), max_length=cfg.max_length, lora=lora,
                          extra={"attribute_dropout": cfg.attribute_dropout, "validation_loss": val_loss})
-        written = save_policy(run_dir / "model", hf_model=te.unwrap(hf_model), state=state, tokenizer=tokenizer,
+        written = save_policy(run_dir / "model", hf_model=hf_model, state=state, tokenizer=tokenizer,
                               schema=schema, card=card, lora=lora, base_path=str(cfg.model.path),
                               save_merged=lora and cfg.model.lora.save_merged, dtype=getattr(torch, cfg.model.dtype))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

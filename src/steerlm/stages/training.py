@@ -28,6 +28,18 @@ def run_distributed(stage: Callable, cfg: DictConfig) -> dict:
         te.shutdown_distributed()
 
 
+def prepare_run(cfg: DictConfig, info: te.DistInfo):
+    """Strategy, autocast dtype and the (created) run dir of a training stage; seeds torch."""
+    import torch
+
+    strategy = te.resolve_strategy(cfg.engine.strategy, info)
+    amp_dtype = te.resolve_precision(cfg.engine.precision, info.device)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    return strategy, amp_dtype, run_dir
+
+
 def maybe_resume(resume, run_dir: Path, model, optimizer, scheduler, *, strict: bool) -> tuple[int, int, int]:
     """`resume`: auto (latest checkpoint if any) | never/None | a checkpoint dir. -> (step, epoch, next batch)."""
     latest = ckpt.find_latest_checkpoint(run_dir) if resume == "auto" else (
