@@ -45,7 +45,7 @@ class DistInfo:
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Start the process group if torchrun launched us; pick the device."""
+    """Start the process group if torchrun launched us (and nobody started it yet); pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -64,6 +64,19 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device: str = "auto"):
+    """The process group for one stage. A group that already exists (the pipeline runs several stages
+    in one torchrun) is used and left running; one started here is torn down here, errors included."""
+    owned = not dist.is_initialized()
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        if owned:
+            shutdown_distributed()
 
 
 def barrier() -> None:
@@ -211,11 +224,40 @@ def all_gather_objects(obj):
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory allocated, or the process's peak RSS on CPU."""
+    """Peak accelerator memory allocated, or the process's peak RSS on CPU (since the last reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:  # Linux: VmHWM, which reset_peak_memory can lower (ru_maxrss never goes down)
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (the pipeline runs several stages in one process)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # glibc keeps freed heap pages mapped (they would count as the next stage's RSS) unless trimmed
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:  # Linux: "5" resets the peak RSS to the current RSS (proc(5), /proc/pid/clear_refs)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
 
 
 # ----------------------------------------------------------------------------- state dicts

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,6 +33,7 @@ from scipy import stats as sps
 
 from ..attributes import AttributeSchema
 from ..checkpoint import write_text_atomic
+from ..report_render import save_figure
 from ..data.sources import load_mixture
 from ..engines import torch_engine as te
 from ..errors import ConfigError, DataError
@@ -176,10 +176,7 @@ def plot_steerability(report: dict[str, dict], path: Path) -> None:
             ax.set_title(f"length vs verbosity (Spearman {rho})")
         ax.set_xlabel(f"requested {a}")
         ax.set_xticks(lv)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 # ===== the recipe (recipes/evaluate.py) ==========================================================

@@ -89,11 +89,8 @@ def label_conversations(conversations: Sequence[dict], scorer: RewardScorer, *, 
 
 
 def run(cfg: DictConfig) -> dict:
-    info = te.init_distributed(cfg.engine.device)
-    try:
+    with te.distributed(cfg.engine.device) as info:
         return _run(cfg, info)
-    finally:
-        te.shutdown_distributed()
 
 
 def _run(cfg: DictConfig, info: te.DistInfo) -> dict:

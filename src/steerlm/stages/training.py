@@ -19,13 +19,10 @@ from ..logging import print0
 
 
 def run_distributed(stage: Callable, cfg: DictConfig) -> dict:
-    """Start the process group (torchrun) or not, run `stage(cfg, info, t_start)`, always tear it down."""
+    """Run `stage(cfg, info, t_start)` inside the process group (torchrun) or without one."""
     t_start = time.time()
-    info = te.init_distributed(cfg.engine.device)
-    try:
+    with te.distributed(cfg.engine.device) as info:
         return stage(cfg, info, t_start)
-    finally:
-        te.shutdown_distributed()
 
 
 def prepare_run(cfg: DictConfig, info: te.DistInfo):

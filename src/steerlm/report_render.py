@@ -1,0 +1,122 @@
+"""Report building blocks, rendered twice: Markdown (report.md) and standalone HTML (report.html).
+
+A report is a list of blocks::
+
+    ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption) | ("pre", text)
+
+Images are PNGs next to the report: linked from Markdown, embedded (base64) in HTML so the file can be
+mailed on its own. Plots use matplotlib's Agg canvas (no display needed) and are written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from pathlib import Path
+from typing import Sequence
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+       "table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top;"
+       "text-align:left;font-size:14px}th{background:#f3f3f3}td.text{white-space:pre-wrap;max-width:480px}"
+       "img{max-width:100%}pre{background:#f6f6f6;padding:8px;overflow-x:auto}")
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.3g}"
+    return str(v)
+
+
+def _md_cell(v) -> str:
+    return fmt(v).replace("|", "\\|").replace("\n", "<br>")
+
+
+def to_markdown(blocks: Sequence[tuple], base: Path) -> str:
+    out = []
+    for b in blocks:
+        if b[0] == "h":
+            out.append(f"{'#' * b[1]} {b[2]}")
+        elif b[0] == "p":
+            out.append(b[1])
+        elif b[0] == "pre":
+            out.append(f"```\n{b[1]}\n```")
+        elif b[0] == "img":
+            out.append(f"![{b[2]}]({os.path.relpath(b[1], base)})")
+        elif b[0] == "table":
+            header, rows = b[1], b[2]
+            lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+            out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def to_html(blocks: Sequence[tuple], title: str) -> str:
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<style>{CSS}</style></head><body>"]
+    for b in blocks:
+        if b[0] == "h":
+            out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+        elif b[0] == "p":
+            out.append(f"<p>{html.escape(b[1])}</p>")
+        elif b[0] == "pre":
+            out.append(f"<pre>{html.escape(b[1])}</pre>")
+        elif b[0] == "img":
+            data = base64.b64encode(Path(b[1]).read_bytes()).decode()
+            out.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b[2])}'>"
+                       f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+        elif b[0] == "table":
+            head = "".join(f"<th>{html.escape(fmt(h))}</th>" for h in b[1])
+            body = "".join("<tr>" + "".join(
+                f"<td{' class=text' if isinstance(c, str) and len(c) > 40 else ''}>{html.escape(fmt(c))}</td>"
+                for c in row) + "</tr>" for row in b[2])
+            out.append(f"<table><tr>{head}</tr>{body}</table>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+# ===== plots =====================================================================================
+def save_figure(fig, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    os.replace(tmp, path)
+
+
+def plot_loss_curve(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]], path: Path,
+                    title: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.4), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    if train:
+        ax.plot(*zip(*train), marker=".", label="train (per step)")
+    if val:
+        ax.plot(*zip(*val), "s", color="C3", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean NLL per trained token)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_distributions(counts: dict[str, list[int]], levels: Sequence[int], path: Path) -> None:
+    """One bar panel per attribute: how many labeled turns got each level."""
+    import math
+
+    from matplotlib.figure import Figure
+
+    cols = min(3, len(counts))
+    rows = math.ceil(len(counts) / cols)
+    fig = Figure(figsize=(3.6 * cols, 2.6 * rows), layout="constrained")
+    for k, (name, c) in enumerate(counts.items()):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.bar(list(levels), c, color="C0")
+        ax.set_xticks(list(levels))
+        ax.set_title(name)
+        ax.set_xlabel("label")
+    save_figure(fig, path)
