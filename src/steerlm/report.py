@@ -199,8 +199,10 @@ def write_report(run_dir: str | os.PathLike, stage_dirs: dict[str, Path], result
                [[n, this_run.get(n, "not selected"), duration((records[n] or {}).get("wall_time_s")),
                  *(lambda x: [whole(x["tokens_per_s"]), x["what"], whole(x["peak_mem_mb"])])(stage_numbers(n, stage_dirs[n]))]
                 for n in ORDER if records[n] or n in this_run]),
-              ("p", "Wall time is the stage's last run (a resumed stage: the resumed part); peak memory is "
-                    "accelerator memory on GPU, peak RSS on CPU, per stage.")]
+              ("p", "Wall time is the stage's last run (a resumed stage: the resumed part). Peak memory is the "
+                    "accelerator memory allocated on GPU; on CPU it is the pipeline process's peak RSS during the "
+                    "stage, which includes heap the allocator kept from the stage before (the stages share one "
+                    "process).")]
     sections = {"reward": lambda d: reward_section(d), "label": lambda d: label_section(d, run_dir),
                 "sft": lambda d: sft_section(d, run_dir),
                 "evaluate": lambda d: evaluate_section(d, examples, max_chars)}
