@@ -18,6 +18,7 @@ from steerlm import pipeline
 from steerlm.errors import ConfigError
 
 OASST = "data/oasst1/oasst1_validation_en.messages.jsonl.gz"
+DEFAULT = ("reward", "label", "sft", "evaluate")  # steerlm2 is opt-in
 
 
 def tiny_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -37,7 +38,7 @@ def plan_lines(stdout: str) -> dict[str, tuple[str, str]]:
     """The plan printed first: '  <stage> <action> <reason>' -> {stage: (action, reason)}."""
     out = {}
     for line in stdout.splitlines():
-        m = re.match(r"^  (reward|label|sft|evaluate)\s+(skip|run|resume|record)\s+(.*)$", line)
+        m = re.match(r"^  (reward|label|sft|evaluate|steerlm2)\s+(skip|run|resume|record)\s+(.*)$", line)
         if m and m.group(1) not in out:
             out[m.group(1)] = (m.group(2), m.group(3))
     return out
@@ -51,7 +52,7 @@ def compose_pipeline(*overrides: str):
 # ===== planning without running ==================================================================
 def test_stage_names_are_checked_and_run_in_pipeline_order():
     assert pipeline.selected_stages(["sft", "label"]) == ["label", "sft"]
-    with pytest.raises(ConfigError, match="unknown stage 'sftt'.*reward, label, sft, evaluate"):
+    with pytest.raises(ConfigError, match="unknown stage 'sftt'.*reward, label, sft, evaluate, steerlm2"):
         pipeline.selected_stages(["reward", "sftt"])
     with pytest.raises(ConfigError, match="at most once"):
         pipeline.selected_stages(["sft", "sft"])
@@ -93,7 +94,7 @@ def test_cli_errors_exit_2_with_one_line(tmp_path):
     proc = run_recipe("pipeline", f"run_dir={tmp_path}", "stages=[reward,sftt]", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "steerlm: error: unknown stage 'sftt' in stages; choose from reward, label, sft, evaluate"]
+        "steerlm: error: unknown stage 'sftt' in stages; choose from reward, label, sft, evaluate, steerlm2"]
     proc = run_recipe("pipeline", f"run_dir={tmp_path}", "stages=[label]", check=False)
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
@@ -106,8 +107,8 @@ def test_pipeline_runs_skips_and_reruns_what_changed(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "p"
     base = tiny_overrides(tiny_model_dir, run_dir)
     first = run_recipe("pipeline", *base)
-    assert {s: a for s, (a, _) in plan_lines(first.stdout).items()} == dict.fromkeys(pipeline.ORDER, "run")
-    for stage in pipeline.ORDER:
+    assert {s: a for s, (a, _) in plan_lines(first.stdout).items()} == dict.fromkeys(DEFAULT, "run")
+    for stage in DEFAULT:
         record = json.loads((run_dir / stage / pipeline.RECORD).read_text())
         assert record["status"] == "complete" and record["outputs"], stage
     report = (run_dir / "report.md").read_text()
@@ -123,7 +124,7 @@ def test_pipeline_runs_skips_and_reruns_what_changed(tiny_model_dir, tmp_path):
     # same command: nothing runs; a key that cannot change outputs does not count as a change
     again = run_recipe("pipeline", *base, "sft.train.log_every=2", "reward.resume=never")
     plan = plan_lines(again.stdout)
-    assert {s: a for s, (a, _) in plan.items()} == dict.fromkeys(pipeline.ORDER, "skip"), again.stdout
+    assert {s: a for s, (a, _) in plan.items()} == dict.fromkeys(DEFAULT, "skip"), again.stdout
     assert rm_weights.stat().st_mtime_ns == mtime
 
     # a changed SFT setting re-runs sft and what reads it, and says why; the old sft dir is kept aside

@@ -1,4 +1,4 @@
-"""The SteerLM pipeline: reward -> label -> sft -> evaluate through one run directory.
+"""The SteerLM pipeline: reward -> label -> sft -> evaluate (-> steerlm2) through one run directory.
 
 Every stage keeps a record next to its outputs, `<stage dir>/steerlm_stage.json`::
 
@@ -74,6 +74,11 @@ STAGES = {s.name: s for s in (
     StageSpec("evaluate", "output_dir",
               lambda c: [("model.path", c["model"]["path"]), ("rm", c["rm"])] + _sources("prompts", c["prompts"]),
               ("steerability.json",), False, "steerlm.stages.evaluate"),
+    StageSpec("steerlm2", "run_dir",
+              lambda c: [("policy", c["policy"]), ("rm", c["rm"])] + _sources("prompts", c["prompts"])
+              + [(k, v) for k, v in (("reference", c["reference"]), ("data_file", c["data_file"]),
+                                     ("eval.before", c["eval"]["before"])) if v],
+              ("summary.json", "model/steerlm_sft.json"), False, "steerlm.stages.steerlm2"),
 )}
 ORDER = tuple(STAGES)
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .attributes import AttributeSchema
 from .checkpoint import write_text_atomic
 from .logging import read_metrics
 from .pipeline import ORDER, RECORD, read_record
@@ -29,6 +30,8 @@ KEY_SETTINGS = {
             "train.global_batch_size", "max_length", "pack_length", "attribute_dropout", "engine.precision"],
     "evaluate": ["model.path", "rm", "attributes", "levels", "n_prompts", "generation.max_new_tokens",
                  "generation.do_sample"],
+    "steerlm2": ["policy", "rm", "n_prompts", "n_samples", "targets", "iterations", "generation.temperature",
+                 "likelihood.concentration", "likelihood.bins", "optim.lr", "train.epochs", "train.groups_per_step"],
 }
 
 
@@ -62,6 +65,10 @@ def stage_numbers(stage: str, d: Path) -> dict:
         g = s.get("generation_stats", {})
         return {"tokens_per_s": g.get("tokens_per_s"), "what": "generated", "peak_mem_mb": s.get("peak_mem_mb")}
     s = _load(d / "summary.json") or {}
+    if stage == "steerlm2":
+        last = (s.get("iterations") or [{}])[-1]
+        return {"tokens_per_s": last.get("train_tokens_per_s"), "what": "trained on (listwise)",
+                "peak_mem_mb": last.get("peak_mem_mb")}
     if stage == "reward":
         frozen = s.get("frozen_backbone")
         return {"tokens_per_s": s.get("feature_tokens_per_s" if frozen else "train_tokens_per_s"),
@@ -118,8 +125,8 @@ def label_section(d: Path, out_dir: Path) -> list:
     labeled = next(iter(sorted(d.glob("labeled.jsonl"))), None)
     if s is None or labeled is None:
         return [("p", "no labeled.jsonl (a parquet output is not summarized here)")]
-    schema = _load(d / "attribute_schema.json") or {}
-    levels = list(range(int(schema.get("scale_min", 0)), int(schema.get("scale_max", 4)) + 1))
+    schema = AttributeSchema.load(d)
+    levels = list(range(int(schema.scale_min), int(schema.scale_max) + 1))
     dist = label_distribution(labeled, levels)
     skipped = ", ".join(f"{k} {v}" for k, v in (s.get("skipped") or {}).items()) or "none"
     blocks = [("p", f"{s['rows']} conversations, {s['turns_scored']} assistant turns scored "
@@ -179,6 +186,32 @@ def evaluate_section(d: Path, n_examples: int, max_chars: int) -> list:
     return blocks
 
 
+def steerlm2_section(d: Path, out_dir: Path) -> list:
+    s = _load(d / "summary.json")
+    if s is None:
+        return [("p", "no summary.json")]
+    rows, curve, step = [], [], 0
+    for it in s["iterations"]:
+        g, dist = it.get("groups") or {}, it.get("distance") or []
+        samp = it.get("sampling") or {}
+        rows.append([it["iteration"], g.get("groups"), g.get("responses"), it.get("steps"),
+                     dist[0] if dist else None, dist[-1] if dist else None, samp.get("tokens_per_s"),
+                     it.get("train_tokens_per_s"), json.dumps(it.get("dropped") or {})])
+        curve += [(step + k + 1, v) for k, v in enumerate(dist)]
+        step += len(dist)
+    blocks = [("table", ["iteration", "groups", "responses", "steps", "distance (first step)", "distance (last step)",
+                         "sampling tok/s", "training tok/s", "dropped"], rows)]
+    if curve:
+        png = out_dir / "steerlm2_distance.png"
+        plot_loss_curve(curve, [], png, "SteerLM 2.0", ylabel="distance KL(w' || b')")
+        blocks.append(("img", png, "distance per optimizer step (each step: new prompt groups)"))
+    if s.get("steerability"):
+        blocks.append(("table", ["attribute", "Spearman before", "Spearman after", "length rho before", "length rho after"],
+                       [[a, v["before"], v["after"], v["length_before"], v["length_after"]]
+                        for a, v in s["steerability"].items()]))
+    return blocks
+
+
 def fmt_opt(v, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
@@ -205,11 +238,15 @@ def write_report(run_dir: str | os.PathLike, stage_dirs: dict[str, Path], result
                     "process).")]
     sections = {"reward": lambda d: reward_section(d), "label": lambda d: label_section(d, run_dir),
                 "sft": lambda d: sft_section(d, run_dir),
-                "evaluate": lambda d: evaluate_section(d, examples, max_chars)}
+                "evaluate": lambda d: evaluate_section(d, examples, max_chars),
+                "steerlm2": lambda d: steerlm2_section(d, run_dir)}
     titles = {"reward": "Stage 1: attribute reward model", "label": "Stage 2: labels",
-              "sft": "Stage 3: attribute-conditioned SFT", "evaluate": "Steerability"}
+              "sft": "Stage 3: attribute-conditioned SFT", "evaluate": "Steerability",
+              "steerlm2": "SteerLM 2.0"}
     for n in ORDER:
         d, rec = stage_dirs[n], records[n]
+        if rec is None and n not in this_run:
+            continue  # an optional stage that was never selected
         blocks.append(("h", 2, titles[n]))
         if rec is None or rec.get("status") != "complete":
             blocks.append(("p", f"not complete in {d} ({'no record' if rec is None else rec.get('status')})."))

@@ -88,17 +88,17 @@ def save_figure(fig, path: Path) -> None:
 
 
 def plot_loss_curve(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]], path: Path,
-                    title: str) -> None:
+                    title: str, ylabel: str = "loss (mean NLL per trained token)") -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 3.4), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     if train:
-        ax.plot(*zip(*train), marker=".", label="train (per step)")
+        ax.plot(*zip(*train), marker=".", label="per step")
     if val:
         ax.plot(*zip(*val), "s", color="C3", label="validation")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean NLL per trained token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
     save_figure(fig, path)
