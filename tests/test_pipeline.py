@@ -182,3 +182,22 @@ def test_pipeline_under_torchrun_two_ranks(tiny_model_dir, tmp_path):
     assert json.loads((run_dir / "evaluate" / pipeline.RECORD).read_text())["status"] == "complete"
     again = run_recipe("pipeline", *tiny_overrides(tiny_model_dir, run_dir), torchrun=2)
     assert {a for a, _ in plan_lines(again.stdout).values()} == {"skip"}
+
+
+def test_optional_steerlm2_stage_runs_after_evaluate_and_reports_before_after(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "p"
+    steer = ["steerlm2.n_prompts=3", "steerlm2.n_samples=2", "steerlm2.generation.max_new_tokens=6",
+             "steerlm2.engine.precision=fp32", "steerlm2.train.groups_per_step=2"]
+    base = tiny_overrides(tiny_model_dir, run_dir, *steer)
+    run_recipe("pipeline", *base)  # the default stages: no steerlm2
+    assert not (run_dir / "steerlm2").exists() and "SteerLM 2.0" not in (run_dir / "report.md").read_text()
+    proc = run_recipe("pipeline", *base, "stages=[reward,label,sft,evaluate,steerlm2]")
+    plan = plan_lines(proc.stdout)
+    assert {s: a for s, (a, _) in plan.items()} == {**dict.fromkeys(DEFAULT, "skip"), "steerlm2": "run"}
+    summary = json.loads((run_dir / "steerlm2" / "summary.json").read_text())
+    before = json.loads((run_dir / "evaluate" / "steerability.json").read_text())["attributes"]
+    assert set(summary["steerability"]) == {"verbosity", "complexity"}
+    assert summary["steerability"]["verbosity"]["before"] == before["verbosity"]["spearman"]  # read, not re-measured
+    assert not (run_dir / "steerlm2" / "eval_before").exists() and (run_dir / "steerlm2" / "eval_after").is_dir()
+    report = (run_dir / "report.md").read_text()
+    assert "## SteerLM 2.0" in report and "steerlm2_distance.png" in report and "Spearman before" in report

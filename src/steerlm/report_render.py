@@ -28,7 +28,7 @@ def fmt(v, digits: int = 3) -> str:
     if isinstance(v, bool):
         return str(v).lower()
     if isinstance(v, float):
-        return f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.3g}"
+        return f"{v:.{digits}f}" if v == 0 or 1e-2 <= abs(v) < 1e5 else f"{v:.3g}"
     return str(v)
 
 

@@ -129,7 +129,7 @@ def train_iteration(model, groups: list[dict], cfg, fmt, tokenizer, schema, devi
                 w = target_weights(tensor("log_p_a"), tensor("log_p_y"), tensor("log_q_prime"))
                 loss, info = listwise_loss(lq, w, tensor("log_q_prime"), batch["loss_mask"].sum(-1))
                 (loss / len(chunk)).backward()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 distances.append(info["distance"])
                 tokens += int(batch["attention_mask"].sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm) if cfg.optim.max_grad_norm else None
