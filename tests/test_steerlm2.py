@@ -179,6 +179,8 @@ def test_steerlm2_cli_on_the_tiny_model(tiny_model_dir, tmp_path_factory):
         assert (out / d).is_dir(), d
     card = json.loads((out / "model" / "steerlm_sft.json").read_text())
     assert card["steerlm2"]["iteration"] == 1
+    merged_card = json.loads((out / "merged" / "steerlm_sft.json").read_text())
+    assert merged_card["lora"] is False and merged_card["steerlm2"]["iteration"] == 1
     assert "steerlm2/distance" in (out / "metrics.jsonl").read_text()
     # the adapter moved away from the SFT adapter
     from safetensors.torch import load_file

@@ -87,15 +87,20 @@ def save_policy(run_model_dir: Path, *, hf_model, state: dict[str, torch.Tensor]
         (tmp / SFT_CARD).write_text(json.dumps(card, indent=2) + "\n")
     written.append(run_model_dir)
     if save_merged:
-        merged_dir = run_model_dir.parent / "merged"
-        merged = load_for_generation(str(run_model_dir), dtype=dtype)
-        with atomic_directory(merged_dir) as tmp:
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            schema.save(tmp)
-            (tmp / SFT_CARD).write_text(json.dumps({**card, "lora": False, "merged_from": str(run_model_dir)}, indent=2) + "\n")
-        written.append(merged_dir)
+        written.append(save_merged_policy(run_model_dir, tokenizer=tokenizer, schema=schema, card=card, dtype=dtype))
     return written
+
+
+def save_merged_policy(adapter_dir: Path, *, tokenizer, schema: AttributeSchema, card: dict, dtype: torch.dtype) -> Path:
+    """`<adapter_dir>/../merged`: the base with the adapter merged in, a plain HF model (atomically)."""
+    merged_dir = adapter_dir.parent / "merged"
+    merged = load_for_generation(str(adapter_dir), dtype=dtype)
+    with atomic_directory(merged_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        schema.save(tmp)
+        (tmp / SFT_CARD).write_text(json.dumps({**card, "lora": False, "merged_from": str(adapter_dir)}, indent=2) + "\n")
+    return merged_dir
 
 
 def _fix_adapter_base(adapter_dir: Path, base_path: str) -> None:

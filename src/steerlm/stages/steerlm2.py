@@ -24,11 +24,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..attributes import AttributeSchema
+from ..checkpoint import atomic_directory
 from ..data.packing import collate_padded
 from ..engines import torch_engine as te
 from ..errors import ConfigError
 from ..logging import MetricLogger
-from ..models.policy import SFT_CARD, load_causal_lm, load_for_generation, quiet_peft, read_card, save_policy
+from ..models.policy import SFT_CARD, load_causal_lm, quiet_peft, read_card, save_merged_policy, save_policy
 from ..models.reward_model import load_tokenizer
 from ..scoring import RewardScorer, ScoreStats
 from ..sft_template import SFTFormat
@@ -212,19 +213,11 @@ def run(cfg: DictConfig) -> dict:
 
     # the final policy, HF-native like the SFT output: model/ (+ merged/ for a LoRA policy)
     final = run_dir / "model"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(policy_path, final)
+    with atomic_directory(final) as tmp:
+        shutil.copytree(policy_path, tmp, dirs_exist_ok=True)
     if (final / "adapter_config.json").exists():
-        merged = load_for_generation(str(final))
-        tmp = run_dir / "merged.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        merged.save_pretrained(tmp, safe_serialization=True)
-        for f in ("attribute_schema.json", SFT_CARD):
-            shutil.copy(final / f, tmp / f)
-        load_tokenizer(str(final)).save_pretrained(tmp)
-        shutil.rmtree(run_dir / "merged", ignore_errors=True)
-        tmp.rename(run_dir / "merged")
+        save_merged_policy(final, tokenizer=load_tokenizer(str(final)), schema=schema, card=read_card(str(final)),
+                           dtype=getattr(torch, cfg.dtype))
 
     result = {"iterations": iterations, "steps": sum(it["steps"] for it in iterations), "policy_in": str(cfg.policy),
               "model": str(final),
