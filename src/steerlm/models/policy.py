@@ -39,6 +39,18 @@ def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, attn_implem
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
 
 
+def load_trainable_policy(path: str, dtype: torch.dtype):
+    """The SFT output as a trainable model: base + adapter (only the adapter trains) or the full model."""
+    adapter_cfg = Path(path) / "adapter_config.json"
+    if not adapter_cfg.exists():
+        return load_causal_lm(path, dtype=dtype), False
+    from peft import PeftModel
+
+    base = load_causal_lm(json.loads(adapter_cfg.read_text())["base_model_name_or_path"], dtype=dtype)
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, path, is_trainable=True), True
+
+
 def apply_lora(model, lora_cfg: Mapping):
     """Wrap with a peft LoRA adapter (only the adapter trains)."""
     from peft import LoraConfig, get_peft_model

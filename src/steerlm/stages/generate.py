@@ -28,6 +28,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from ..attributes import AttributeSchema
 from ..checkpoint import write_text_atomic
@@ -161,12 +162,12 @@ class SteerableModel:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], attributes=None, *, max_new_tokens: int = 256, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 batch_size: int = 16) -> list[dict]:
+                 batch_size: int = 16, progress: bool = True) -> list[dict]:
         """-> [{text, tokens, stopped, attributes}] in input order.
 
         attributes: None (card defaults), one mapping for all prompts, or a list with one mapping per prompt.
         tokens: generated tokens before the stop string / eos; stopped: hit a stop string or eos
-        (False: ran out of max_new_tokens).
+        (False: ran out of max_new_tokens). progress: a tqdm bar when there is more than one batch.
         """
         check_options(max_new_tokens, do_sample, temperature, top_p, top_k, batch_size)
         if isinstance(prompts, (str, Mapping)):
@@ -190,12 +191,15 @@ class SteerableModel:
         results: list[Optional[dict]] = [None] * len(ids)
         t0 = time.time()
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), \
+                tqdm(total=len(ids), desc="generate", unit="resp", disable=len(ids) <= batch_size or not progress,
+                     dynamic_ncols=True) as bar:
             torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 for i, new in zip(batch, self._generate_batch([ids[i] for i in batch], max_new_tokens, sampling)):
                     results[i] = {**new, "attributes": resolved[i]}
+                bar.update(len(batch))
         self.stats.prompts += len(ids)
         self.stats.prompt_tokens += sum(map(len, ids))
         self.stats.seconds += time.time() - t0

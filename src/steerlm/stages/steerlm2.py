@@ -29,7 +29,8 @@ from ..data.packing import collate_padded
 from ..engines import torch_engine as te
 from ..errors import ConfigError
 from ..logging import MetricLogger
-from ..models.policy import SFT_CARD, load_causal_lm, quiet_peft, read_card, save_merged_policy, save_policy
+from ..models.policy import (SFT_CARD, load_causal_lm, load_trainable_policy, read_card, save_merged_policy,
+                             save_policy)
 from ..models.reward_model import load_tokenizer
 from ..scoring import RewardScorer, ScoreStats
 from ..sft_template import SFTFormat
@@ -37,18 +38,6 @@ from ..steerlm2_math import listwise_loss, sequence_log_probs, target_weights
 from . import evaluate as steer_eval
 from . import steerlm2_data as sd
 from .generate import SteerableModel
-
-
-def load_trainable_policy(path: str, dtype: torch.dtype):
-    """The SFT output as a trainable model: base + adapter (only the adapter trains) or the full model."""
-    adapter_cfg = Path(path) / "adapter_config.json"
-    if not adapter_cfg.exists():
-        return load_causal_lm(path, dtype=dtype), False
-    from peft import PeftModel
-
-    base = load_causal_lm(json.loads(adapter_cfg.read_text())["base_model_name_or_path"], dtype=dtype)
-    with quiet_peft():
-        return PeftModel.from_pretrained(base, path, is_trainable=True), True
 
 
 def group_batch(group: dict, fmt, tokenizer, schema, device) -> dict:

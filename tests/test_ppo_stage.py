@@ -1,0 +1,58 @@
+"""The PPO stage through its CLI on the tiny SFT model and a tiny RM (seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import HS2_SAMPLE as HS2, run_recipe, tiny_reward_overrides
+from test_generate import train_tiny_sft
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir, tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("ppo")
+    sft = train_tiny_sft(tiny_model_dir, tmp_path_factory)
+    run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, base / "rm", f"data.train=[{{format: helpsteer2, path: {HS2}}}]"))
+    return {"sft": sft, "rm": base / "rm" / "model", "base": base}
+
+
+def common(models, run_dir) -> list[str]:
+    return [f"policy={models['sft']}", f"rm={models['rm']}", f"run_dir={run_dir}", "steps=3", "rollout_batch=4",
+            "mini_batch=2", "n_prompts=4", "n_eval_prompts=2", "generation.max_new_tokens=8",
+            "engine.precision=fp32", "optim.actor_lr=1e-3"]
+
+
+def test_ppo_cli_trains_logs_and_exports(models):
+    out = models["base"] / "run"
+    run_recipe("train_ppo", *common(models, out), "reward.weights=[0,0,0,0,1.0,0.5,0,0,0]")
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["reward_curve"]) == 3 and len(summary["kl_curve"]) == 3
+    assert summary["kl_curve"][0] == pytest.approx(0.0, abs=1e-5)  # step 1: a fresh adapter, π = π_ref exactly
+    assert summary["kl_curve"][-1] != 0.0
+    assert summary["held_out_reward"]["prompts"] == 2 and summary["held_out_reward"]["after"] is not None
+    assert summary["reward_weights"][4:6] == [1.0, 0.5] and sum(summary["reward_weights"]) == 1.5
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/entropy", "ppo/clip_fraction", "ppo/value_loss",
+                "ppo/generated_tokens_per_s"):
+        assert all(key in m for m in metrics if m.get("step")), key
+    card = json.loads((out / "model" / "steerlm_sft.json").read_text())
+    assert card["ppo"]["steps"] == 3 and card["lora"] is False and (out / "model" / "model.safetensors").exists()
+    from transformers import AutoModelForSequenceClassification
+
+    from steerlm.stages.generate import SteerableModel
+
+    assert SteerableModel.load(str(out / "model")).generate(["hi"], max_new_tokens=3)[0]["tokens"] <= 3
+    critic = AutoModelForSequenceClassification.from_pretrained(out / "critic")
+    assert critic.config.num_labels == 9
+
+
+def test_ppo_reward_config_errors_are_one_line(models):
+    proc = run_recipe("train_ppo", *common(models, models["base"] / "bad1"), "reward.weights=[1.0,0,0,0,0,0,0,0,0]",
+                      check=False)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert "reward.weights puts weight on ['quality']" in line and "was not trained on" in line
+    proc = run_recipe("train_ppo", *common(models, models["base"] / "bad2"), "reward.weights=[1.0, 0.5]", check=False)
+    assert proc.returncode == 2 and "reward.weights" in proc.stderr and "2 entries" in proc.stderr
