@@ -18,7 +18,7 @@ from steerlm import pipeline
 from steerlm.errors import ConfigError
 
 OASST = "data/oasst1/oasst1_validation_en.messages.jsonl.gz"
-DEFAULT = ("reward", "label", "sft", "evaluate")  # steerlm2 is opt-in
+DEFAULT = ("reward", "label", "sft", "evaluate")  # steerlm2 and ppo are opt-in
 
 
 def tiny_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -38,7 +38,7 @@ def plan_lines(stdout: str) -> dict[str, tuple[str, str]]:
     """The plan printed first: '  <stage> <action> <reason>' -> {stage: (action, reason)}."""
     out = {}
     for line in stdout.splitlines():
-        m = re.match(r"^  (reward|label|sft|evaluate|steerlm2)\s+(skip|run|resume|record)\s+(.*)$", line)
+        m = re.match(r"^  (reward|label|sft|evaluate|steerlm2|ppo)\s+(skip|run|resume|record)\s+(.*)$", line)
         if m and m.group(1) not in out:
             out[m.group(1)] = (m.group(2), m.group(3))
     return out
@@ -52,7 +52,7 @@ def compose_pipeline(*overrides: str):
 # ===== planning without running ==================================================================
 def test_stage_names_are_checked_and_run_in_pipeline_order():
     assert pipeline.selected_stages(["sft", "label"]) == ["label", "sft"]
-    with pytest.raises(ConfigError, match="unknown stage 'sftt'.*reward, label, sft, evaluate, steerlm2"):
+    with pytest.raises(ConfigError, match="unknown stage 'sftt'.*reward, label, sft, evaluate, steerlm2, ppo"):
         pipeline.selected_stages(["reward", "sftt"])
     with pytest.raises(ConfigError, match="at most once"):
         pipeline.selected_stages(["sft", "sft"])
@@ -94,7 +94,7 @@ def test_cli_errors_exit_2_with_one_line(tmp_path):
     proc = run_recipe("pipeline", f"run_dir={tmp_path}", "stages=[reward,sftt]", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "steerlm: error: unknown stage 'sftt' in stages; choose from reward, label, sft, evaluate, steerlm2"]
+        "steerlm: error: unknown stage 'sftt' in stages; choose from reward, label, sft, evaluate, steerlm2, ppo"]
     proc = run_recipe("pipeline", f"run_dir={tmp_path}", "stages=[label]", check=False)
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
@@ -184,10 +184,12 @@ def test_pipeline_under_torchrun_two_ranks(tiny_model_dir, tmp_path):
     assert {a for a, _ in plan_lines(again.stdout).values()} == {"skip"}
 
 
-def test_optional_steerlm2_stage_runs_after_evaluate_and_reports_before_after(tiny_model_dir, tmp_path):
+def test_optional_steerlm2_and_ppo_stages_run_after_evaluate_and_report(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "p"
     steer = ["steerlm2.n_prompts=3", "steerlm2.n_samples=2", "steerlm2.generation.max_new_tokens=6",
-             "steerlm2.engine.precision=fp32", "steerlm2.train.groups_per_step=2"]
+             "steerlm2.engine.precision=fp32", "steerlm2.train.groups_per_step=2",
+             "ppo.steps=2", "ppo.rollout_batch=4", "ppo.mini_batch=2", "ppo.n_prompts=4", "ppo.n_eval_prompts=2",
+             "ppo.generation.max_new_tokens=6", "ppo.engine.precision=fp32", "ppo.reward.weights=[0,0,0,0,1,0,0,0,0]"]
     base = tiny_overrides(tiny_model_dir, run_dir, *steer)
     run_recipe("pipeline", *base)  # the default stages: no steerlm2
     assert not (run_dir / "steerlm2").exists() and "SteerLM 2.0" not in (run_dir / "report.md").read_text()
@@ -201,3 +203,16 @@ def test_optional_steerlm2_stage_runs_after_evaluate_and_reports_before_after(ti
     assert not (run_dir / "steerlm2" / "eval_before").exists() and (run_dir / "steerlm2" / "eval_after").is_dir()
     report = (run_dir / "report.md").read_text()
     assert "## SteerLM 2.0" in report and "steerlm2_distance.png" in report and "Spearman before" in report
+    assert "PPO" not in report
+
+    # ppo: reads sft, reward and label (its μ, σ); the rest is up to date
+    proc = run_recipe("pipeline", *base, "stages=[reward,label,sft,evaluate,steerlm2,ppo]")
+    plan = plan_lines(proc.stdout)
+    assert {s: a for s, (a, _) in plan.items()} == {**dict.fromkeys(DEFAULT + ("steerlm2",), "skip"), "ppo": "run"}
+    ppo = json.loads((run_dir / "ppo" / "summary.json").read_text())
+    assert len(ppo["reward_curve"]) == 2 and ppo["standardisation"]["from"].startswith(str(run_dir / "label"))
+    record = json.loads((run_dir / "ppo" / pipeline.RECORD).read_text())
+    assert str(run_dir / "label" / "labeled.jsonl") in record["inputs"] and record["status"] == "complete"
+    report = (run_dir / "report.md").read_text()
+    assert "## PPO from the attribute reward model" in report and "ppo_curves.png" in report
+    assert "reward before (greedy)" in report and (run_dir / "ppo_curves.png").stat().st_size > 1000

@@ -13,9 +13,9 @@ from conftest import HS2_SAMPLE as HS2, run_recipe, tiny_reward_overrides
 from steerlm.attributes import get_schema
 from steerlm.data.packing import collate_padded
 from steerlm.errors import ConfigError, DataError
-from steerlm.losses import next_token_nll
+from steerlm.losses import next_token_nll, sequence_log_probs, token_log_probs
 from steerlm.steerlm2_math import (attribute_log_likelihood, baseline_weights, level_bins, level_probabilities,
-                                   listwise_loss, sequence_log_probs, target_weights)
+                                   listwise_loss, target_weights)
 from steerlm.stages import steerlm2_data as sd
 from test_generate import train_tiny_sft
 
@@ -97,12 +97,18 @@ def test_sequence_log_probs_match_the_sft_nll(tiny_model_dir):
     seqs = [([5, 9, 11, 20, 7], [False, False, True, True, True]), ([3, 4, 8], [False, True, True])]
     b = collate_padded(seqs, pad_id=0)
     with torch.no_grad():
-        lp = sequence_log_probs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+        lp = sequence_log_probs(model, b)
         for r, s in enumerate(seqs):
             one = collate_padded([s], pad_id=0)
             nll, n = next_token_nll(model, {"input_ids": one["input_ids"], "attention_mask": one["attention_mask"],
                                             "loss_mask": one["loss_mask"]})
             assert n == sum(s[1][1:]) and float(-nll) == pytest.approx(float(lp[r]), rel=1e-5)
+        # per token: the full-vocabulary log-softmax at the trained positions, exactly 0 elsewhere
+        per_token, logits = token_log_probs(model, b)
+        full = torch.log_softmax(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, -1)
+        want = full[:, :-1].gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1) * b["loss_mask"][:, 1:]
+        assert torch.allclose(per_token[:, 1:], want, atol=1e-5) and (per_token[:, 0] == 0).all()
+        assert logits.shape == (int(b["loss_mask"][:, 1:].sum()), full.shape[-1])  # only trained positions
 
 
 # ===== the dataset ===============================================================================

@@ -1,4 +1,5 @@
-"""Reward-model losses. Each returns one loss per sample (or pair); the caller reduces.
+"""Losses. Reward model: each returns one loss per sample (or pair); the caller reduces. Causal LM: the
+log-probabilities of trained tokens, computed only where they are trained.
 
 Per-sample losses let the engine reduce by the *global* batch size (sum of per-sample losses
 divided by the number of samples in the optimizer step), which makes 1 process, DDP and FSDP2
@@ -60,22 +61,45 @@ def scalarize(pred: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return pred @ weights.to(pred.dtype)
 
 
-# ----------------------------------------------------------------------------- causal LM (SFT)
-def next_token_nll(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Σ_t −log p(x_{t+1} | x_≤t) over trained targets, and the number of targets.
+# ----------------------------------------------------------------------------- causal LM (SFT, SteerLM 2.0, PPO)
+def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits that predict each trained token -> (logits (N, V) fp32, targets (N,), keep (B, T) bool).
 
-    Logits are computed only at the positions that predict a trained token (`logits_to_keep` as a
-    boolean mask): prompts, attribute strings and padding never reach the (vocab-sized) LM head,
-    which saves its FLOPs and the (tokens x vocab) fp32 logits memory. The sum (not the mean) is
-    returned so the caller can divide by the trained-token count of the whole global batch: the
-    step is then the same for any packing, micro-batching or world size.
+    `loss_mask[r, t]` marks token t of row r as trained; it is predicted at position t − 1, so
+    `keep[r, t − 1]` is set. Logits are computed only there (`logits_to_keep` as a boolean mask):
+    prompts, attribute strings and padding never reach the (vocab-sized) LM head, which saves its
+    FLOPs and the (tokens x vocab) fp32 logits memory, and the model's own head code (soft-capping,
+    scaling) still runs. Rows come back in row-major order of `keep`.
     """
-    ids, m = batch["input_ids"], batch["loss_mask"]
+    ids, m = batch["input_ids"], batch["loss_mask"].bool()
     keep = torch.zeros_like(m)
     keep[:, :-1] = m[:, 1:]
     targets = ids[:, 1:][m[:, 1:]]
     extra = {k: batch[k] for k in ("position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k",
                                    "max_length_q", "max_length_k") if k in batch}
     logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False, **extra).logits  # (N, V)
-    nll = F.cross_entropy(logits.float(), targets, reduction="sum")
-    return nll, int(targets.numel())
+    return logits.float(), targets, keep
+
+
+def next_token_nll(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Σ_t −log p(x_{t+1} | x_≤t) over trained targets, and the number of targets.
+
+    The sum (not the mean) is returned so the caller can divide by the trained-token count of the
+    whole global batch: the step is then the same for any packing, micro-batching or world size.
+    """
+    logits, targets, _ = target_logits(model, batch)
+    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+
+
+def token_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(token_t | tokens_<t) at every trained token t, 0 elsewhere -> ((B, T), the (N, V) logits)."""
+    logits, targets, keep = target_logits(model, batch)
+    lp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    out = torch.zeros(keep.shape, dtype=lp.dtype, device=lp.device)
+    out[:, 1:][keep[:, :-1]] = lp
+    return out, logits
+
+
+def sequence_log_probs(model, batch: dict) -> torch.Tensor:
+    """Teacher-forced Σ_t log p(token_t | prefix) over the trained (response) tokens of each row -> (rows,)."""
+    return token_log_probs(model, batch)[0].sum(-1)

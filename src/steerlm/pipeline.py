@@ -1,4 +1,4 @@
-"""The SteerLM pipeline: reward -> label -> sft -> evaluate (-> steerlm2) through one run directory.
+"""The SteerLM pipeline: reward -> label -> sft -> evaluate (-> steerlm2, ppo) through one run directory.
 
 Every stage keeps a record next to its outputs, `<stage dir>/steerlm_stage.json`::
 
@@ -44,6 +44,7 @@ RECORD = "steerlm_stage.json"
 NOT_OUTPUTS = {"checkpoints", "parts", "cache", ".hydra", "wandb", RECORD}
 # Keys that change how a stage runs, never what it writes: a change does not re-run the stage.
 VOLATILE = ("resume", "overwrite", "logging", "train.log_every", "train.save_every", "train.keep_checkpoints",
+            "save_every", "keep_checkpoints",
             "batch_tokens", "chunk_size", "rm_batch_tokens", "eval.batch_size", "engine.device", "device")
 
 
@@ -79,6 +80,10 @@ STAGES = {s.name: s for s in (
               + [(k, v) for k, v in (("reference", c["reference"]), ("data_file", c["data_file"]),
                                      ("eval.before", c["eval"]["before"])) if v],
               ("summary.json", "model/steerlm_sft.json"), False, "steerlm.stages.steerlm2"),
+    StageSpec("ppo", "run_dir",
+              lambda c: [("policy", c["policy"]), ("rm", c["rm"])] + _sources("prompts", c["prompts"])
+              + ([("reward.standardize_from", c["reward"]["standardize_from"])] if c["reward"]["standardize_from"] else []),
+              ("summary.json", "model/steerlm_sft.json"), False, "steerlm.stages.ppo"),
 )}
 ORDER = tuple(STAGES)
 

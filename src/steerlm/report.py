@@ -2,7 +2,8 @@
 
 Sources, per stage dir: `steerlm_stage.json` (resolved config, wall time), `summary.json` (tokens/s,
 peak memory), reward `eval_metrics.json`, label `labeled.jsonl` (the label distribution is counted
-here), sft `metrics.jsonl` (loss curve), evaluate `steerability.json` / `samples.jsonl` / `.png`.
+here), sft `metrics.jsonl` (loss curve), evaluate `steerability.json` / `samples.jsonl` / `.png`, steerlm2 and
+ppo `summary.json` (distance, reward and KL curves).
 Nothing is re-measured; a stage without outputs gets a line saying so.
 """
 
@@ -19,7 +20,7 @@ from .attributes import AttributeSchema
 from .checkpoint import write_text_atomic
 from .logging import read_metrics
 from .pipeline import ORDER, RECORD, read_record
-from .report_render import plot_distributions, plot_loss_curve, to_html, to_markdown
+from .report_render import plot_distributions, plot_loss_curve, plot_panels, to_html, to_markdown
 
 # The settings a reader needs to interpret each stage (the full config is in <stage>/steerlm_stage.json).
 KEY_SETTINGS = {
@@ -32,6 +33,8 @@ KEY_SETTINGS = {
                  "generation.do_sample"],
     "steerlm2": ["policy", "rm", "n_prompts", "n_samples", "targets", "iterations", "generation.temperature",
                  "likelihood.concentration", "likelihood.bins", "optim.lr", "train.epochs", "train.groups_per_step"],
+    "ppo": ["policy", "rm", "reward.weights", "reward.standardize_from", "steps", "rollout_batch", "ppo_epochs",
+            "kl_coef", "optim.actor_lr", "optim.critic_lr", "lora.r", "generation.max_new_tokens"],
 }
 
 
@@ -69,6 +72,9 @@ def stage_numbers(stage: str, d: Path) -> dict:
         last = (s.get("iterations") or [{}])[-1]
         return {"tokens_per_s": last.get("train_tokens_per_s"), "what": "trained on (listwise)",
                 "peak_mem_mb": last.get("peak_mem_mb")}
+    if stage == "ppo":
+        return {"tokens_per_s": s.get("train_tokens_per_s"), "what": "trained on (PPO updates)",
+                "peak_mem_mb": s.get("peak_mem_mb")}
     if stage == "reward":
         frozen = s.get("frozen_backbone")
         return {"tokens_per_s": s.get("feature_tokens_per_s" if frozen else "train_tokens_per_s"),
@@ -212,6 +218,27 @@ def steerlm2_section(d: Path, out_dir: Path) -> list:
     return blocks
 
 
+def ppo_section(d: Path, out_dir: Path) -> list:
+    s = _load(d / "summary.json")
+    if s is None:
+        return [("p", "no summary.json")]
+    h, st = s["held_out_reward"], s["standardisation"]
+    blocks = [("p", f"Reward r = (w · RM − {st['mean']:.3f}) / {st['std']:.3f} (μ, σ from {st['from']}). "
+                    f"{s['prompts']['train']} training prompts, {s['prompts']['skipped_over_max_prompt_tokens']} "
+                    f"skipped as longer than max_prompt_tokens. Rollouts generated at {s['generated_tokens_per_s']} tok/s."),
+              ("table", ["held-out prompts", "reward before (greedy)", "reward after (greedy)", "change"],
+               [[h["prompts"], h["before"], h["after"],
+                 None if h["before"] is None or h["after"] is None else h["after"] - h["before"]]])]
+    steps = range(1, len(s["reward_curve"]) + 1)
+    png = out_dir / "ppo_curves.png"
+    plot_panels({"reward (mean over rollouts, ± std)": list(zip(steps, s["reward_curve"])),
+                 "KL(π ‖ π_ref) per response (nats)": list(zip(steps, s["kl_curve"])),
+                 "policy entropy per token": list(zip(steps, s["entropy_curve"]))}, png, "PPO", xlabel="PPO step",
+                bands={"reward (mean over rollouts, ± std)": s["reward_std_curve"]})
+    blocks.append(("img", png, "per PPO step: rollout reward, KL to the reference policy, entropy"))
+    return blocks
+
+
 def fmt_opt(v, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
@@ -239,10 +266,10 @@ def write_report(run_dir: str | os.PathLike, stage_dirs: dict[str, Path], result
     sections = {"reward": lambda d: reward_section(d), "label": lambda d: label_section(d, run_dir),
                 "sft": lambda d: sft_section(d, run_dir),
                 "evaluate": lambda d: evaluate_section(d, examples, max_chars),
-                "steerlm2": lambda d: steerlm2_section(d, run_dir)}
+                "steerlm2": lambda d: steerlm2_section(d, run_dir), "ppo": lambda d: ppo_section(d, run_dir)}
     titles = {"reward": "Stage 1: attribute reward model", "label": "Stage 2: labels",
               "sft": "Stage 3: attribute-conditioned SFT", "evaluate": "Steerability",
-              "steerlm2": "SteerLM 2.0"}
+              "steerlm2": "SteerLM 2.0", "ppo": "PPO from the attribute reward model"}
     for n in ORDER:
         d, rec = stage_dirs[n], records[n]
         if rec is None and n not in this_run:

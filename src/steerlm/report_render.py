@@ -14,7 +14,7 @@ import base64
 import html
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
        "table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top;"
@@ -101,6 +101,26 @@ def plot_loss_curve(train: Sequence[tuple[int, float]], val: Sequence[tuple[int,
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_panels(panels: dict[str, Sequence[tuple[int, float]]], path: Path, title: str, xlabel: str = "step",
+                bands: Optional[dict[str, Sequence[float]]] = None) -> None:
+    """One line panel per curve, side by side; `bands[name]`: a ± half-width per point (e.g. a std)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.6 * len(panels), 3.2), layout="constrained")
+    fig.suptitle(title)
+    for k, (name, points) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        if points:
+            x, y = zip(*points)
+            ax.plot(x, y, marker=".")
+            if bands and name in bands:
+                ax.fill_between(x, [a - b for a, b in zip(y, bands[name])], [a + b for a, b in zip(y, bands[name])],
+                                alpha=0.2)
+        ax.set_xlabel(xlabel)
+        ax.set_title(name, fontsize=10)
     save_figure(fig, path)
 
 

@@ -102,14 +102,3 @@ def listwise_loss(log_q_theta: torch.Tensor, w: torch.Tensor, log_q_prime: torch
     loss = -(coef * log_q_theta).sum() / n_tokens.float().mean()
     distance = (w * (torch.log(w + 1e-8) - torch.log(b + 1e-8))).sum()
     return loss, {"distance": float(distance), "baseline": b}
-
-
-def sequence_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced Σ_t log p(token_t | prefix) over the masked (response) tokens of each row -> (rows,).
-
-    loss_mask[r, t] marks token t of row r as a response token (predicted from position t − 1).
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (token_lp * loss_mask[:, 1:].to(token_lp.dtype)).sum(-1)

@@ -94,6 +94,17 @@ def resolve_strategy(strategy: str, info: DistInfo) -> str:
     return strategy
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """The one device of a single-process stage: auto (the current CUDA device if any, else CPU) | cpu | cuda[:i]."""
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"engine.device={device} but CUDA is not available")
+    if not device.startswith(("cuda", "cpu")):
+        raise ConfigError(f"unknown engine.device {device!r}; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype, or None for plain fp32."""
     if precision == "auto":

@@ -163,11 +163,12 @@ class SteerableModel:
     def generate(self, prompts: Sequence[Prompt], attributes=None, *, max_new_tokens: int = 256, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                  batch_size: int = 16, progress: bool = True) -> list[dict]:
-        """-> [{text, tokens, stopped, attributes}] in input order.
+        """-> [{text, tokens, stopped, ids, attributes}] in input order.
 
         attributes: None (card defaults), one mapping for all prompts, or a list with one mapping per prompt.
         tokens: generated tokens before the stop string / eos; stopped: hit a stop string or eos
-        (False: ran out of max_new_tokens). progress: a tqdm bar when there is more than one batch.
+        (False: ran out of max_new_tokens); ids: the sampled token ids, the stopping token(s) included.
+        progress: a tqdm bar when there is more than one batch.
         """
         check_options(max_new_tokens, do_sample, temperature, top_p, top_k, batch_size)
         if isinstance(prompts, (str, Mapping)):
@@ -222,6 +223,8 @@ class SteerableModel:
         ids = new_ids[:eos_at] if eos_at is not None else new_ids
         while eos_at is None and ids and ids[-1] == self.tokenizer.pad_token_id:
             ids = ids[:-1]  # a row that stopped at a stop string, padded while the batch went on
+        # what was sampled up to and including what stopped it (eos / stop string): RL trains on these exact ids
+        sampled = new_ids[:eos_at + 1] if eos_at is not None else list(ids)
         self.stats.generated_tokens += len(ids) + (eos_at is not None)
         text = decode(ids)
         hits = [p for p in (text.find(s) for s in self.stop_strings) if p >= 0]
@@ -233,9 +236,11 @@ class SteerableModel:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if len(decode(ids[:mid])) <= cut else (lo, mid - 1)
             text, n_tokens = text[:cut], lo
+            end = next(m for m in range(lo + 1, len(ids) + 1) if any(x in decode(ids[:m]) for x in self.stop_strings))
+            sampled = ids[:end]
         if self.format.template == "nemo" and text.endswith(END_OF_TURN):
             text = text[:-len(END_OF_TURN)]  # NeMo writes "{response}\n<extra_id_1>"
-        return {"text": text, "tokens": n_tokens, "stopped": eos_at is not None or bool(hits)}
+        return {"text": text, "tokens": n_tokens, "stopped": eos_at is not None or bool(hits), "ids": sampled}
 
 
 def check_options(max_new_tokens, do_sample, temperature, top_p, top_k, batch_size) -> None:

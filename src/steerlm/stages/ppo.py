@@ -21,78 +21,36 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..attributes import AttributeSchema, weights_vector
-from ..checkpoint import save_hf_model
+from ..attributes import AttributeSchema
+from ..checkpoint import save_hf_model, write_text_atomic
 from ..data.packing import collate_padded
 from ..engines import torch_engine as te
 from ..errors import ConfigError
 from ..logging import MetricLogger, print0
+from ..losses import token_log_probs
 from ..models.policy import SFT_CARD, apply_lora, load_for_generation, read_card
 from ..models.reward_model import load_reward_model, load_tokenizer
-from ..ppo_math import (check_reward_heads, entropy, gae, policy_loss, scalar_reward, standardisation,
-                        token_rewards, value_loss, whiten)
+from ..ppo_math import check_reward_heads, entropy, gae, policy_loss, token_rewards, value_loss, whiten
 from ..scoring import RM_CARD, RewardScorer, ScoreStats
-from . import evaluate as steer_eval
 from .generate import SteerableModel
-from .steerlm2_data import encode_response
+from .ppo_setup import (check_rm_measures, critic_values, held_out_reward, load_ppo_prompts, maybe_resume_ppo,
+                        reward_standardisation, reward_weights, save_ppo_state, score_responses)
 
 
-def token_log_probs(model, input_ids, attention_mask, amp_dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) log p(token_t | tokens_<t) (0 at t = 0) and the (B, T, V) logits that predict token t."""
+def policy_log_probs(actor, batch: dict, amp_dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) log π(y_t | ·) at response tokens (0 elsewhere), and the response tokens' (N, V) logits."""
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    lp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    pad = torch.zeros_like(lp[:, :1])
-    return torch.cat([pad, lp], 1), torch.cat([torch.zeros_like(logits[:, :1]), logits], 1)
+        return token_log_probs(actor, batch)
 
 
-def critic_values(critic, weights: torch.Tensor, input_ids, attention_mask, amp_dtype, device) -> torch.Tensor:
-    """V_t: the value of the state before token t, read from the hidden state at t − 1 through w · head."""
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        hidden = critic.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    v = critic.score_pooled(hidden.reshape(-1, hidden.shape[-1])).reshape(*hidden.shape[:2], -1) @ weights
-    return torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], 1)
-
-
-def reward_weights(cfg, schema: AttributeSchema) -> list[float]:
-    w = OmegaConf.to_container(cfg.reward.weights, resolve=True)
-    try:
-        return weights_vector(schema, w)
-    except ValueError as e:
-        raise ConfigError(f"reward.weights: {e}") from None
-
-
-def reward_standardisation(cfg, schema: AttributeSchema, weights: torch.Tensor) -> tuple[float, float, str]:
-    """μ, σ from the config, or computed from a labeled file's RM scores (stage-2 output)."""
-    src = cfg.reward.standardize_from
-    if not src:
-        return float(cfg.reward.mean), float(cfg.reward.std), "config"
-    rows = []
-    with open(src) as fh:
-        for line in fh:
-            for t in json.loads(line)["turns"]:
-                s = t.get("scores")
-                if s and all(a in s for a, w in zip(schema.attributes, weights.tolist()) if w):
-                    rows.append([s.get(a, 0.0) for a in schema.attributes])
-    if len(rows) < 2:
-        raise ConfigError(f"reward.standardize_from {src}: fewer than 2 turns with scores for every attribute")
-    mean, std = standardisation(torch.tensor(rows), weights)
-    return mean, std, f"{src} ({len(rows)} turns)"
-
-
-def held_out_reward(policy: SteerableModel, scorer, prompts, weights, mean, std, cfg) -> float:
-    outs = policy.generate(prompts, None, max_new_tokens=cfg.generation.max_new_tokens, do_sample=False,
-                           batch_size=cfg.generation.batch_size, progress=False)
-    scores = scorer.score([(p["system"], p["turns"] + [{"role": "assistant", "content": o["text"]}])
-                           for p, o in zip(prompts, outs)])
-    attrs = torch.tensor([[s.get(a, 0.0) for a in policy.schema.attributes] for s in scores if s is not None])
-    return float(scalar_reward(attrs, weights, mean, std).mean())
+def rollout_row(prompt_ids: list[int], response_ids: list[int]) -> tuple[list[int], list[bool]]:
+    """(ids, loss mask): the policy is trained on the response tokens it sampled, never on the prompt."""
+    return prompt_ids + response_ids, [False] * len(prompt_ids) + [True] * len(response_ids)
 
 
 def run(cfg: DictConfig) -> dict:
     t_start = time.time()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and cfg.engine.device != "cpu" \
-        else torch.device("cpu")
+    device = te.resolve_device(cfg.engine.device)
     amp = te.resolve_precision(cfg.engine.precision, device)
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
@@ -101,88 +59,83 @@ def run(cfg: DictConfig) -> dict:
     tokenizer = load_tokenizer(cfg.policy)
 
     # ===== config checks first (no model loaded yet), then models ==============================
-    rm_card = json.loads((Path(cfg.rm) / RM_CARD).read_text()) if (Path(cfg.rm) / RM_CARD).exists() else None
-    if rm_card is None:
+    if not (Path(cfg.rm) / RM_CARD).exists():
         raise FileNotFoundError(f"{cfg.rm}: not a steerlm RM (no {RM_CARD}); train one with recipes/train_reward.py")
+    rm_card = json.loads((Path(cfg.rm) / RM_CARD).read_text())
     schema.require_same(AttributeSchema.load(cfg.rm), what=f"policy {cfg.policy}", other_what=f"RM {cfg.rm}")
     w_list = reward_weights(cfg, schema)
-    untrained = [a for a, w in zip(schema.attributes, w_list) if w and a not in rm_card["trained_attributes"]]
-    if untrained:
-        raise ConfigError(f"reward.weights puts weight on {untrained}, which the RM {cfg.rm} was not trained on "
-                          f"(it measures {', '.join(rm_card['trained_attributes'])})")
-    critic_tok = load_tokenizer(cfg.rm)
-    if critic_tok.get_vocab() != tokenizer.get_vocab():
+    check_rm_measures(w_list, schema, rm_card, str(cfg.rm))
+    if load_tokenizer(cfg.rm).get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"the critic (from RM {cfg.rm}) reads the policy's token ids: their tokenizers must match")
+    weights = torch.tensor(w_list, device=device)
+    mean, std, std_src = reward_standardisation(cfg, schema, weights.cpu())
     actor = apply_lora(load_for_generation(str(cfg.policy), dtype=getattr(torch, cfg.dtype)),
                        OmegaConf.to_container(cfg.lora, resolve=True)).to(device)
     scorer = RewardScorer(cfg.rm, device=str(device), precision=cfg.precision, batch_tokens=cfg.rm_batch_tokens,
                           over_length="truncate_left")
     critic = load_reward_model(cfg.rm, schema, pad_token_id=tokenizer.pad_token_id, require_rm=True).to(device)
     check_reward_heads(critic.config.num_labels, schema, w_list)
-    weights = torch.tensor(w_list, device=device)
-    mean, std, std_src = reward_standardisation(cfg, schema, weights.cpu())
     print0(f"ppo: reward = (w . RM - {mean:.3f}) / {std:.3f} [{std_src}], w = {dict(zip(schema.attributes, w_list))}")
 
-    specs = [OmegaConf.to_container(s, resolve=True) for s in cfg.prompts]
-    all_prompts = steer_eval.load_prompts(specs, schema, int(cfg.n_prompts) + int(cfg.n_eval_prompts))
-    prompts, eval_prompts = all_prompts[:int(cfg.n_prompts)], all_prompts[int(cfg.n_prompts):]
-    if not prompts:
-        raise ConfigError("ppo: no training prompts")
     gen = SteerableModel(actor, tokenizer, schema, card, device)
     attributes = OmegaConf.to_container(cfg.attributes, resolve=True) if cfg.attributes else None
-    actor.eval()
-    before = held_out_reward(gen, scorer, eval_prompts, weights.cpu(), mean, std, cfg) if eval_prompts else None
-
+    prompts, eval_prompts, prompt_counts = load_ppo_prompts(cfg, gen, attributes)
     actor_opt = te.build_optimizer([p for p in actor.parameters() if p.requires_grad], cfg.optim.actor_lr,
                                    cfg.optim.weight_decay, tuple(cfg.optim.betas))
     critic_opt = te.build_optimizer([p for p in critic.parameters() if p.requires_grad], cfg.optim.critic_lr,
                                     cfg.optim.weight_decay, tuple(cfg.optim.betas))
+    state = maybe_resume_ppo(cfg.resume, run_dir, actor, critic, actor_opt, critic_opt)
+    actor.eval()
+    if state is None:
+        before = held_out_reward(gen, scorer, eval_prompts, attributes, weights, mean, std, cfg)
+        state = {"step": 0, "held_out_before": before, "history": [], "rm_scoring": ScoreStats().to_dict()}
+    stats = ScoreStats(**{k: v for k, v in state["rm_scoring"].items() if k in ScoreStats.__dataclass_fields__})
+    history = state["history"]
     logger = MetricLogger(run_dir, is_main=True, wandb_cfg=cfg.logging.wandb, config=OmegaConf.to_container(cfg, resolve=True))
-    R, gen_opts = int(cfg.rollout_batch), OmegaConf.to_container(cfg.generation, resolve=True)
-    stats, history = ScoreStats(), []
+    R, mb, gen_opts = int(cfg.rollout_batch), int(cfg.mini_batch), OmegaConf.to_container(cfg.generation, resolve=True)
 
     # ===== PPO steps ==========================================================================
-    for step in range(1, int(cfg.steps) + 1):
+    for step in range(state["step"] + 1, int(cfg.steps) + 1):
         t0 = time.time()
+        # 1. rollouts: the step's prompts (cycled), sampled from π_old with a per-step seed (resumable)
         batch_prompts = [prompts[((step - 1) * R + k) % len(prompts)] for k in range(R)]
         outs = gen.generate(batch_prompts, attributes, do_sample=True, progress=False,
                             **{**gen_opts, "seed": int(cfg.seed) + step})
         t_gen = time.time() - t0
-        scores = scorer.score([(p["system"], p["turns"] + [{"role": "assistant", "content": o["text"]}])
-                               for p, o in zip(batch_prompts, outs)], stats)
-        keep = [k for k, s in enumerate(scores) if s is not None]
+        # 2. r(x, y) from the frozen RM
+        keep, score = score_responses(scorer, batch_prompts, [o["text"] for o in outs], schema, weights, mean, std, stats)
         if len(keep) < 2:
             raise ConfigError(f"ppo step {step}: the RM scored {len(keep)} of {R} responses")
-        attrs = torch.tensor([[scores[k].get(a, 0.0) for a in schema.attributes] for k in keep])  # untrained: weight 0
-        score = scalar_reward(attrs, weights.cpu(), mean, std).to(device)
-        rows = [encode_response(gen.format, tokenizer, schema, {"system": batch_prompts[k]["system"],
-                                                                  "turns": batch_prompts[k]["turns"],
-                                                                  "attributes": outs[k]["attributes"]},
-                                outs[k]["text"], conditioned=True) for k in keep]
+        score = score.to(device)
+        # the exact sampled ids (the stop token included) after the exact prompt ids: re-tokenising the text
+        # would score a different sequence than the one sampled and bias the KL estimate
+        rows = [rollout_row(gen.prompt_ids(batch_prompts[k], outs[k]["attributes"]), outs[k]["ids"]) for k in keep]
         b = {k: v.to(device) for k, v in collate_padded(rows, tokenizer.pad_token_id).items()}
         mask = b["loss_mask"].float()
+        # 3. log π_old, log π_ref (the adapter off), V_old -> per-token rewards -> GAE
         with torch.no_grad():
-            old_lp, _ = token_log_probs(actor, b["input_ids"], b["attention_mask"], amp, device)
+            old_lp, _ = policy_log_probs(actor, b, amp, device)
             with actor.disable_adapter():
-                ref_lp, _ = token_log_probs(actor, b["input_ids"], b["attention_mask"], amp, device)
+                ref_lp, _ = policy_log_probs(actor, b, amp, device)
             old_values = critic_values(critic, weights, b["input_ids"], b["attention_mask"], amp, device)
             rewards, kl = token_rewards(score, old_lp, ref_lp, mask, cfg.kl_coef, cfg.absolute_kl)
             adv, ret = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
             adv = whiten(adv, mask)
+        # 4. ppo_epochs passes of clipped policy and value updates over mini-batches (fixed order: resumable)
         actor.train()
-        mb = int(cfg.mini_batch)
         infos = []
         for _ in range(int(cfg.ppo_epochs)):
             for s0 in range(0, len(keep), mb):
                 sl = slice(s0, s0 + mb)
-                lp, logits = token_log_probs(actor, b["input_ids"][sl], b["attention_mask"][sl], amp, device)
+                part = {k: v[sl] for k, v in b.items()}
+                lp, logits = policy_log_probs(actor, part, amp, device)
                 p_loss, p_info = policy_loss(lp, old_lp[sl], adv[sl], mask[sl], cfg.clip_eps)
-                ent = entropy(logits, mask[sl])
+                ent = entropy(logits, torch.ones(logits.shape[0], device=device))  # logits: response tokens only
                 actor_opt.zero_grad(set_to_none=True)
                 (p_loss - cfg.entropy_coef * ent).backward()
                 torch.nn.utils.clip_grad_norm_([p for p in actor.parameters() if p.requires_grad], cfg.optim.max_grad_norm)
                 actor_opt.step()
-                v = critic_values(critic, weights, b["input_ids"][sl], b["attention_mask"][sl], amp, device)
+                v = critic_values(critic, weights, part["input_ids"], part["attention_mask"], amp, device)
                 v_loss, v_info = value_loss(v, old_values[sl], ret[sl], mask[sl], cfg.value_clip)
                 critic_opt.zero_grad(set_to_none=True)
                 v_loss.backward()
@@ -192,30 +145,41 @@ def run(cfg: DictConfig) -> dict:
                               "entropy": float(ent.detach()), **p_info, **v_info})
         actor.eval()
         gen_tokens = sum(outs[k]["tokens"] for k in keep)
+        step_s = time.time() - t0
         metrics = {"ppo/reward_mean": float(score.mean()), "ppo/reward_std": float(score.std()),
                    "ppo/kl": float((kl * mask).sum(-1).mean()), "ppo/response_tokens": float(mask.sum(-1).mean()),
                    "ppo/generated_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
-                   "ppo/step_seconds": time.time() - t0, "ppo/peak_mem_mb": te.peak_memory_mb(device),
+                   "ppo/train_tokens_per_s": int(b["attention_mask"].sum()) * int(cfg.ppo_epochs) / max(step_s - t_gen, 1e-9),
+                   "ppo/step_seconds": step_s, "ppo/peak_mem_mb": te.peak_memory_mb(device),
                    **{f"ppo/{k}": sum(i[k] for i in infos) / len(infos) for k in infos[0]}}
         logger.log(metrics, step)
-        history.append(metrics)
+        history.append({"step": step, **metrics})
+        if (int(cfg.save_every) > 0 and step % int(cfg.save_every) == 0) or step == int(cfg.steps):
+            save_ppo_state(run_dir, step, actor, critic, actor_opt, critic_opt, keep_last=int(cfg.keep_checkpoints),
+                           state={"held_out_before": state["held_out_before"], "history": history,
+                                  "rm_scoring": stats.to_dict()})
 
-    after = held_out_reward(gen, scorer, eval_prompts, weights.cpu(), mean, std, cfg) if eval_prompts else None
+    # ===== held-out reward, HF-native outputs, summary (written last: its presence = finished) ==
+    before = state["held_out_before"]
+    after = held_out_reward(gen, scorer, eval_prompts, attributes, weights, mean, std, cfg)
     new_card = {**card, "lora": False, "ppo": {"from": str(cfg.policy), "steps": int(cfg.steps), "reward_weights": w_list}}
     merged = actor.merge_and_unload()  # the policy as a plain HF model (the adapter sat on the merged SFT model)
     save_hf_model(merged, {k: v.detach().cpu() for k, v in merged.state_dict().items()}, run_dir / "model",
                   tokenizer=tokenizer, schema=schema, extra_json={SFT_CARD: new_card})
     save_hf_model(critic.hf_model, {k: v.detach().cpu() for k, v in critic.hf_model.state_dict().items()},
                   run_dir / "critic", tokenizer=tokenizer, schema=schema)
-    summary = {"steps": int(cfg.steps), "reward_weights": w_list, "standardisation": {"mean": mean, "std": std,
-                                                                                       "from": std_src},
+    curve = lambda key: [h[key] for h in history]
+    summary = {"steps": int(cfg.steps), "reward_weights": w_list,
+               "standardisation": {"mean": mean, "std": std, "from": std_src}, "prompts": prompt_counts,
                "held_out_reward": {"before": before, "after": after, "prompts": len(eval_prompts)},
-               "reward_curve": [h["ppo/reward_mean"] for h in history], "kl_curve": [h["ppo/kl"] for h in history],
-               "generated_tokens_per_s": round(sum(h["ppo/generated_tokens_per_s"] for h in history) / len(history), 1),
-               "rm_scoring": stats.to_dict(), "peak_mem_mb": round(te.peak_memory_mb(device), 1),
+               "reward_curve": curve("ppo/reward_mean"), "reward_std_curve": curve("ppo/reward_std"),
+               "kl_curve": curve("ppo/kl"), "entropy_curve": curve("ppo/entropy"),
+               "generated_tokens_per_s": round(sum(curve("ppo/generated_tokens_per_s")) / len(history), 1),
+               "train_tokens_per_s": round(sum(curve("ppo/train_tokens_per_s")) / len(history), 1),
+               "rm_scoring": stats.to_dict(), "peak_mem_mb": round(max(curve("ppo/peak_mem_mb")), 1),
                "wall_time_s": round(time.time() - t_start, 1)}
     logger.close()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
     print0(f"ppo: held-out reward {fmt(before)} -> {fmt(after)}; model -> {run_dir / 'model'}; {summary['wall_time_s']} s")
     return summary

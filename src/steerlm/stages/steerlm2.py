@@ -34,7 +34,8 @@ from ..models.policy import (SFT_CARD, load_causal_lm, load_trainable_policy, re
 from ..models.reward_model import load_tokenizer
 from ..scoring import RewardScorer, ScoreStats
 from ..sft_template import SFTFormat
-from ..steerlm2_math import listwise_loss, sequence_log_probs, target_weights
+from ..losses import sequence_log_probs
+from ..steerlm2_math import listwise_loss, target_weights
 from . import evaluate as steer_eval
 from . import steerlm2_data as sd
 from .generate import SteerableModel
@@ -47,7 +48,7 @@ def group_batch(group: dict, fmt, tokenizer, schema, device) -> dict:
 
 def policy_log_probs(model, batch, amp_dtype, device) -> torch.Tensor:
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        return sequence_log_probs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        return sequence_log_probs(model, batch)
 
 
 def build_groups(cfg, policy_path: str, schema: AttributeSchema, device, stats: dict) -> list[dict]:
@@ -146,8 +147,7 @@ def steerability(cfg, model_path: str, out_dir: Path) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     t_start = time.time()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and cfg.engine.device != "cpu" \
-        else torch.device("cpu")
+    device = te.resolve_device(cfg.engine.device)
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,8 @@ from ..data.packing import collate_padded
 from ..errors import DataError
 from ..scoring import RewardScorer, ScoreStats
 from ..sft_template import SFTFormat, encode_conversation
-from ..steerlm2_math import attribute_log_likelihood, sequence_log_probs
+from ..losses import sequence_log_probs
+from ..steerlm2_math import attribute_log_likelihood
 
 LP_A, LP_Y, LQ = "log(P(a|x,y))", "log(P(y|x))", "log(Q(y|a,x))"
 ROLE_TO_NEMO = {"user": "User", "assistant": "Assistant"}
@@ -105,7 +106,7 @@ def fill_log_probs(groups: list[dict], model, tokenizer, fmt: SFTFormat, schema:
         start += take
         b = {k: v.to(device) for k, v in collate_padded([rows[i][1] for i in batch], tokenizer.pad_token_id).items()}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            lp = sequence_log_probs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+            lp = sequence_log_probs(model, b)
         for i, v in zip(batch, lp.tolist()):
             rows[i][0][key] = v
         tokens += int(b["attention_mask"].sum())
