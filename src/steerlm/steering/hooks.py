@@ -1,0 +1,101 @@
+"""Apply steering specs (one per row of a batch, or one for all) and capture activations, by forward hooks
+on an HF model's decoder layers; every hook is removed when the `steer` context exits.
+
+Positions. A pre-hook on the decoder stack counts the positions it has seen in this context, so a
+layer knows the absolute position t of each of its T inputs whether it runs a whole sequence or one
+cached decoding step. Row r's positions t < prompt_lengths[r] are its prompt, the rest are generated
+tokens (left-padded generation: prompt_lengths = the padded prompt width for every row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..engines.torch_engine import decoder_layers
+from ..errors import ConfigError
+from .ops import SteeringSpec
+
+Specs = Union[None, SteeringSpec, Sequence[Optional[SteeringSpec]]]
+
+
+def decoder_stack(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return base.get_decoder() if hasattr(base, "get_decoder") else base
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
+
+
+class Capture:
+    """Post-steering layer outputs: `capture[layer]` -> (B, T_total, H) fp32 on the CPU."""
+
+    def __init__(self, layers: Sequence[int]):
+        self.layers = list(layers)
+        self._parts: dict[int, list[torch.Tensor]] = defaultdict(list)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} was not captured (captured: {self.layers})")
+        return torch.cat(self._parts[layer], dim=1)
+
+
+@contextlib.contextmanager
+def steer(model: nn.Module, specs: Specs = None, *, batch_size: Optional[int] = None,
+          prompt_lengths: Optional[Sequence[int]] = None, capture_layers: Sequence[int] = ()) -> Iterator[Capture]:
+    """specs: None, one SteeringSpec for every row, or one (or None) per row of the batch."""
+    layers = decoder_layers(model)
+    per_row = specs if isinstance(specs, (list, tuple)) else None
+    if per_row is not None and batch_size is not None and len(per_row) != batch_size:
+        raise ConfigError(f"{len(per_row)} steering specs for a batch of {batch_size} rows")
+    distinct = {id(s): s for s in (per_row if per_row is not None else [specs]) if s is not None and not s.is_noop()}
+    for s in distinct.values():
+        s.check(len(layers), hidden_size(model))
+        if s.positions != "all" and prompt_lengths is None:
+            raise ConfigError(f"steering positions={s.positions!r} needs the prompt lengths of the batch")
+    capture = Capture(capture_layers)
+    state = {"seen": 0, "offset": 0}
+
+    def count_positions(_module, args, kwargs):
+        x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        state["offset"] = state["seen"]
+        state["seen"] += int(x.shape[1])
+
+    def layer_hook(index: int):
+        def hook(_module, _args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            B, T, _ = h.shape
+            for spec in distinct.values():
+                ls = spec.layers.get(index)
+                if ls is None or ls.is_noop():
+                    continue
+                rows = torch.tensor([per_row is None or per_row[r] is spec for r in range(B)], device=h.device)
+                mask = rows.unsqueeze(1).expand(B, T)
+                if spec.positions != "all":
+                    t = state["offset"] + torch.arange(T, device=h.device).unsqueeze(0)
+                    is_prompt = t < torch.as_tensor(prompt_lengths, device=h.device).unsqueeze(1)
+                    mask = mask & (is_prompt if spec.positions == "prompt" else ~is_prompt)
+                h = torch.where(mask.unsqueeze(-1), ls.apply(h), h)
+            if index in capture.layers:
+                capture._parts[index].append(h.detach().float().cpu())
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+        return hook
+
+    active = sorted({i for s in distinct.values() for i in s.layers} | set(capture_layers))
+    for i in capture_layers:
+        if not 0 <= i < len(layers):
+            raise ConfigError(f"capture layer {i}: the model has layers 0..{len(layers) - 1}")
+    handles = [decoder_stack(model).register_forward_pre_hook(count_positions, with_kwargs=True)] if active else []
+    try:
+        handles += [layers[i].register_forward_hook(layer_hook(i)) for i in active]
+        yield capture
+    finally:
+        for handle in handles:
+            handle.remove()

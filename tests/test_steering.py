@@ -1,0 +1,137 @@
+"""Activation steering: op math on known vectors, hooks on a real (tiny) HF model, per-row specs, capture, IO."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerlm.errors import ConfigError
+from steerlm.steering import Ablation, Add, LayerSpec, ProjectionCap, SteeringSpec, steer
+
+
+# ===== op math ===================================================================================
+def test_ops_on_known_vectors():
+    h = torch.tensor([[3.0, 4.0, 1.0], [-2.0, 0.5, 0.0]])
+    e0 = torch.tensor([2.0, 0.0, 0.0])  # not unit: the ops normalise it
+    assert torch.equal(Add(e0, 1.5).apply(h), h + torch.tensor([1.5, 0.0, 0.0]))
+    assert torch.allclose(Add.from_unnormalized(e0, 0.5).apply(h), h + 0.5 * e0)
+    capped = ProjectionCap(e0, min=-1.0, max=2.0).apply(h)
+    assert torch.equal(capped, torch.tensor([[2.0, 4.0, 1.0], [-1.0, 0.5, 0.0]]))  # only the e0 component moves
+    assert torch.equal(Ablation(e0, 0.0).apply(h), torch.tensor([[0.0, 4.0, 1.0], [0.0, 0.5, 0.0]]))
+    assert torch.equal(Ablation(e0, 2.0).apply(h), torch.tensor([[6.0, 4.0, 1.0], [-4.0, 0.5, 0.0]]))
+    # a diagonal direction: ablation leaves h orthogonal to it; the cap bounds the projection
+    d = torch.tensor([1.0, 1.0, 0.0])
+    u = d / d.norm()
+    assert torch.allclose(Ablation(d).apply(h) @ u, torch.zeros(2), atol=1e-6)
+    assert float((ProjectionCap(d, max=1.0).apply(h) @ u).max()) == pytest.approx(1.0)
+    # ops compose in order: ablate, then add
+    both = LayerSpec([Ablation(e0), Add(e0, 5.0)]).apply(h)
+    assert torch.equal(both[:, 0], torch.tensor([5.0, 5.0])) and torch.equal(both[:, 1:], h[:, 1:])
+
+
+def test_bad_ops_are_config_errors():
+    with pytest.raises(ConfigError, match="non-zero"):
+        Add(torch.zeros(4), 1.0)
+    with pytest.raises(ConfigError, match="finite"):
+        Ablation(torch.tensor([float("nan"), 1.0]))
+    with pytest.raises(ConfigError, match="min, max or both"):
+        ProjectionCap(torch.ones(3))
+    with pytest.raises(ConfigError, match="positions"):
+        SteeringSpec({}, positions="middle")
+
+
+def test_spec_save_load_round_trip(tmp_path):
+    spec = SteeringSpec({1: [Add(torch.randn(8), 2.0), ProjectionCap(torch.randn(8), min=-1.0)],
+                         0: [Ablation(torch.randn(8), 0.5)]}, positions="generated")
+    spec.save(tmp_path / "s")
+    back = SteeringSpec.load(tmp_path / "s")
+    assert back.positions == "generated" and sorted(back.layers) == [0, 1]
+    h = torch.randn(5, 8)
+    for i in (0, 1):
+        assert torch.equal(back.layers[i].apply(h), spec.layers[i].apply(h))
+    with pytest.raises(FileNotFoundError, match="not a steering spec"):
+        SteeringSpec.load(tmp_path)
+
+
+# ===== hooks on a real model =====================================================================
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def batch(lm, rows=3, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, lm.config.vocab_size, (rows, T), generator=g)
+
+
+def logits(lm, ids, **steer_kw):
+    with torch.no_grad(), steer(lm, batch_size=ids.shape[0], **steer_kw):
+        return lm(input_ids=ids).logits
+
+
+def test_zero_spec_is_bit_identical_and_hooks_are_removed(lm):
+    ids = batch(lm)
+    plain = lm(input_ids=ids).logits.detach()
+    H = lm.config.hidden_size
+    zero = SteeringSpec({0: [Add(torch.randn(H), 0.0), Ablation(torch.randn(H), 1.0)], 1: [Add(torch.randn(H), 0.0)]})
+    assert torch.equal(logits(lm, ids, specs=zero), plain)
+    assert torch.equal(logits(lm, ids, specs=None, capture_layers=[0, 1]), plain)  # capture alone changes nothing
+    moved = logits(lm, ids, specs=SteeringSpec.add(0, torch.randn(H), 4.0))
+    assert not torch.allclose(moved, plain)
+    # every hook is gone after the context, also after an exception inside it
+    assert torch.equal(lm(input_ids=ids).logits.detach(), plain)
+    with pytest.raises(RuntimeError), steer(lm, SteeringSpec.add(0, torch.randn(H), 4.0)):
+        raise RuntimeError("boom")
+    hooks = [m for m in lm.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooks == [] and torch.equal(lm(input_ids=ids).logits.detach(), plain)
+
+
+def test_per_row_specs_in_one_batch_equal_rows_run_separately(lm):
+    ids = batch(lm, rows=3)
+    H = lm.config.hidden_size
+    a, b = SteeringSpec.add(1, torch.randn(H), 3.0), SteeringSpec({0: [Ablation(torch.randn(H), 0.0)]})
+    together = logits(lm, ids, specs=[a, None, b])
+    for r, spec in enumerate([a, None, b]):
+        alone = logits(lm, ids[r:r + 1], specs=[spec])
+        assert torch.allclose(together[r], alone[0], atol=1e-5), r
+    with pytest.raises(ConfigError, match="2 steering specs for a batch of 3"):
+        logits(lm, ids, specs=[a, b])
+
+
+def test_positions_prompt_and_generated_split_the_sequence(lm):
+    ids = batch(lm, rows=2, T=8)
+    H = lm.config.hidden_size
+    v = torch.randn(H)
+    plain = lm(input_ids=ids).logits.detach()
+    lens = [3, 5]
+    prompt_only = logits(lm, ids, specs=SteeringSpec.add(0, v, 4.0, positions="prompt"), prompt_lengths=lens)
+    gen_only = logits(lm, ids, specs=SteeringSpec.add(0, v, 4.0, positions="generated"), prompt_lengths=lens)
+    for r, n in enumerate(lens):
+        # causal: steering only later positions leaves the earlier ones exactly as they were
+        assert torch.equal(gen_only[r, :n], plain[r, :n]) and not torch.allclose(gen_only[r, n:], plain[r, n:])
+        assert not torch.allclose(prompt_only[r, :n], plain[r, :n])
+    with pytest.raises(ConfigError, match="needs the prompt lengths"):
+        logits(lm, ids, specs=SteeringSpec.add(0, v, 4.0, positions="prompt"))
+
+
+def test_capture_matches_hidden_states_and_counts_cached_positions(lm):
+    ids = batch(lm, rows=2, T=6)
+    with torch.no_grad():
+        ref = lm(input_ids=ids, output_hidden_states=True).hidden_states  # [embeddings, layer 0, layer 1, ...]
+        with steer(lm, capture_layers=[0]) as cap:
+            lm(input_ids=ids)
+    assert torch.allclose(cap[0], ref[1], atol=1e-6)
+    # generation: one prefill call plus cached one-token calls; "generated" steering starts at the prompt width
+    H = lm.config.hidden_size
+    spec = SteeringSpec.add(0, torch.randn(H), 6.0, positions="generated")
+    with torch.no_grad(), steer(lm, spec, prompt_lengths=[6, 6], capture_layers=[0]) as cap:
+        out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                          pad_token_id=0)
+    plain = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                        pad_token_id=0)
+    assert cap[0].shape[:2] == (2, 6 + 3)  # positions of the prompt and of the 3 fed-back generated tokens
+    assert torch.equal(out[:, :7], plain[:, :7])  # the first new token comes from the (unsteered) prompt
+    with pytest.raises(KeyError):
+        cap[1]
