@@ -135,3 +135,90 @@ def test_capture_matches_hidden_states_and_counts_cached_positions(lm):
     assert torch.equal(out[:, :7], plain[:, :7])  # the first new token comes from the (unsteered) prompt
     with pytest.raises(KeyError):
         cap[1]
+
+
+# ===== steered generation and attribute vectors on the tiny SFT model ============================
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir, tmp_path_factory):
+    from steerlm.stages.generate import SteerableModel
+    from test_generate import train_tiny_sft
+
+    return SteerableModel.load(str(train_tiny_sft(tiny_model_dir, tmp_path_factory)), device="cpu")
+
+
+PROMPTS = ["What is DNS?", "Write a poem about the sea.", "Why?"]
+
+
+def test_generate_with_per_row_specs_equals_one_by_one(policy):
+    H = policy.model.config.hidden_size
+    zero = SteeringSpec.add(1, torch.randn(H), 0.0)
+    plain = policy.generate(PROMPTS, max_new_tokens=10, progress=False)
+    strip = lambda outs: [(o["text"], o["ids"]) for o in outs]
+    assert strip(policy.generate(PROMPTS, max_new_tokens=10, steering=zero)) == strip(plain)
+    push = SteeringSpec.add(1, torch.randn(H, generator=torch.Generator().manual_seed(1)), 30.0)
+    mixed = policy.generate(PROMPTS, max_new_tokens=10, steering=[push, None, push], batch_size=3)
+    alone = [policy.generate([p], max_new_tokens=10, steering=[s])[0] for p, s in zip(PROMPTS, [push, None, push])]
+    assert strip(mixed) == strip(alone)
+    assert mixed[1]["text"] == plain[1]["text"] and mixed[0]["text"] != plain[0]["text"]
+    with pytest.raises(ConfigError, match="2 steering specs for 3 prompts"):
+        policy.generate(PROMPTS, steering=[push, None])
+
+
+def write_labeled(path, n=24):
+    import json
+
+    rows = []
+    for k in range(n):
+        words = " ".join(["word"] * (1 + 3 * k))  # longer responses get higher verbosity scores
+        rows.append({"id": f"c{k}", "system": None, "turns": [
+            {"role": "user", "content": f"question {k}?", "labels": None},
+            {"role": "assistant", "content": words, "labels": {"verbosity": float(k % 5)},
+             "scores": {"verbosity": k / n * 4}}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_attribute_vectors_are_the_high_minus_low_mean_response_activation(policy, tmp_path):
+    from steerlm.stages.steerlm2_data import encode_response
+    from steerlm.steering.vectors import AttributeVectors, build_attribute_vectors, scored_turns
+
+    labeled = write_labeled(tmp_path / "labeled.jsonl")
+    vecs = build_attribute_vectors(policy.model, policy.tokenizer, policy.format, policy.schema, str(labeled),
+                                   ["verbosity"], [0, 1], fraction=0.25)
+    meta = vecs.meta["attributes"]["verbosity"]
+    assert meta["high"] == meta["low"] == 6 and meta["high_score_range"][0] > meta["low_score_range"][1]
+    # by hand for layer 0: the 6 highest scored turns minus the 6 lowest, each a mean over response tokens
+    turns = sorted(scored_turns(str(labeled), policy.schema, "verbosity"), key=lambda t: t["score"])
+
+    def mean_act(t):
+        ids, mask = encode_response(policy.format, policy.tokenizer, policy.schema,
+                                    {"system": None, "turns": t["turns"], "attributes": None}, t["response"], False)
+        with torch.no_grad():
+            hs = policy.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
+        return hs[torch.tensor(mask)].mean(0)
+
+    want = torch.stack([mean_act(t) for t in turns[-6:]]).mean(0) - torch.stack([mean_act(t) for t in turns[:6]]).mean(0)
+    assert torch.allclose(vecs.vectors["verbosity"][0], want, atol=1e-4)
+    vecs.save(tmp_path / "v")
+    back = AttributeVectors.load(tmp_path / "v")
+    assert torch.equal(back.vectors["verbosity"][1], vecs.vectors["verbosity"][1])
+    spec = back.spec("verbosity", 1, 2.0)
+    assert spec.layers[1].ops[0].scale == pytest.approx(2.0 * float(vecs.vectors["verbosity"][1].norm()))
+    assert back.spec("verbosity", 1, 0.0).is_noop()
+    with pytest.raises(ConfigError, match="no verbosity vector at layer 5"):
+        back.spec("verbosity", 5, 1.0)
+
+
+def test_vector_input_errors_name_file_line_and_attribute(policy, tmp_path):
+    from steerlm.errors import DataError
+    from steerlm.steering.vectors import build_attribute_vectors
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"turns": []}\nnot json\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'turns'"):
+        build_attribute_vectors(policy.model, policy.tokenizer, policy.format, policy.schema, str(bad), ["verbosity"], [0])
+    few = write_labeled(tmp_path / "few.jsonl", n=6)
+    with pytest.raises(ConfigError, match="too few"):
+        build_attribute_vectors(policy.model, policy.tokenizer, policy.format, policy.schema, str(few), ["verbosity"], [0])
+    with pytest.raises(ConfigError, match="not in schema"):
+        build_attribute_vectors(policy.model, policy.tokenizer, policy.format, policy.schema, str(few), ["verbose"], [0])

@@ -162,13 +162,14 @@ class SteerableModel:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], attributes=None, *, max_new_tokens: int = 256, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 batch_size: int = 16, progress: bool = True) -> list[dict]:
+                 batch_size: int = 16, progress: bool = True, steering=None) -> list[dict]:
         """-> [{text, tokens, stopped, ids, attributes}] in input order.
 
         attributes: None (card defaults), one mapping for all prompts, or a list with one mapping per prompt.
         tokens: generated tokens before the stop string / eos; stopped: hit a stop string or eos
         (False: ran out of max_new_tokens); ids: the sampled token ids, the stopping token(s) included.
-        progress: a tqdm bar when there is more than one batch.
+        progress: a tqdm bar when there is more than one batch. steering: activation steering, a
+        `steerlm.steering.SteeringSpec` for every prompt or a list with one (or None) per prompt.
         """
         check_options(max_new_tokens, do_sample, temperature, top_p, top_k, batch_size)
         if isinstance(prompts, (str, Mapping)):
@@ -180,6 +181,8 @@ class SteerableModel:
             if len(per_prompt) != len(prompts):
                 raise ConfigError(f"{len(per_prompt)} attribute mappings for {len(prompts)} prompts")
         resolved = [self.resolve_attributes(a) for a in per_prompt]
+        if isinstance(steering, (list, tuple)) and len(steering) != len(prompts):
+            raise ConfigError(f"{len(steering)} steering specs for {len(prompts)} prompts")
         ids = []
         for i, p in enumerate(prompts):
             try:
@@ -198,7 +201,8 @@ class SteerableModel:
             torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                for i, new in zip(batch, self._generate_batch([ids[i] for i in batch], max_new_tokens, sampling)):
+                specs = [steering[i] for i in batch] if isinstance(steering, (list, tuple)) else steering
+                for i, new in zip(batch, self._generate_batch([ids[i] for i in batch], max_new_tokens, sampling, specs)):
                     results[i] = {**new, "attributes": resolved[i]}
                 bar.update(len(batch))
         self.stats.prompts += len(ids)
@@ -206,14 +210,18 @@ class SteerableModel:
         self.stats.seconds += time.time() - t0
         return results
 
-    def _generate_batch(self, seqs: list[list[int]], max_new_tokens: int, sampling: dict) -> list[dict]:
+    def _generate_batch(self, seqs: list[list[int]], max_new_tokens: int, sampling: dict, specs=None) -> list[dict]:
+        from ..steering import steer
+
         pad = self.tokenizer.pad_token_id
         width = max(map(len, seqs))
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
         stops = dict(stop_strings=self.hf_stop_strings, tokenizer=self.tokenizer) if self.hf_stop_strings else {}
-        out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  eos_token_id=self.eos_ids, pad_token_id=pad, **stops, **sampling)
+        # left-padded: every row's prompt ends at `width`; "generated" steering starts there
+        with steer(self.model, specs, batch_size=len(seqs), prompt_lengths=[width] * len(seqs)):
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      eos_token_id=self.eos_ids, pad_token_id=pad, **stops, **sampling)
         return [self._cut(row.tolist()) for row in out[:, width:].cpu()]
 
     def _cut(self, new_ids: list[int]) -> dict:
