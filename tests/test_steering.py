@@ -143,7 +143,10 @@ def policy(tiny_model_dir, tmp_path_factory):
     from steerlm.stages.generate import SteerableModel
     from test_generate import train_tiny_sft
 
-    return SteerableModel.load(str(train_tiny_sft(tiny_model_dir, tmp_path_factory)), device="cpu")
+    path = train_tiny_sft(tiny_model_dir, tmp_path_factory)
+    policy = SteerableModel.load(str(path), device="cpu")
+    policy.card_path = path
+    return policy
 
 
 PROMPTS = ["What is DNS?", "Write a poem about the sea.", "Why?"]
@@ -222,3 +225,34 @@ def test_vector_input_errors_name_file_line_and_attribute(policy, tmp_path):
         build_attribute_vectors(policy.model, policy.tokenizer, policy.format, policy.schema, str(few), ["verbosity"], [0])
     with pytest.raises(ConfigError, match="not in schema"):
         build_attribute_vectors(policy.model, policy.tokenizer, policy.format, policy.schema, str(few), ["verbose"], [0])
+
+
+# ===== the recipes: build vectors, then one comparison table =====================================
+def test_build_vectors_and_compare_through_the_cli(policy, tiny_model_dir, tmp_path):
+    import json
+
+    from conftest import HS2_SAMPLE, run_recipe, tiny_reward_overrides
+
+    sft = policy.card_path
+    rm = tmp_path / "rm"
+    run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, rm, f"data.train=[{{format: helpsteer2, path: {HS2_SAMPLE}}}]"))
+    labeled = write_labeled(tmp_path / "labeled.jsonl", n=32)
+    run_recipe("build_steering_vectors", f"policy={sft}", f"labeled={labeled}", f"output_dir={tmp_path / 'v'}",
+               "layers=[0,1]", "device=cpu")
+    meta = json.loads((tmp_path / "v" / "steering_vectors.json").read_text())
+    assert meta["layers"] == [0, 1] and meta["attributes"]["verbosity"]["high"] == 8
+    common = [f"policy={sft}", f"rm={rm / 'model'}", f"vectors={tmp_path / 'v'}", "layer=1", "n_prompts=2",
+              "levels=[0,4]", "coefficients=[-8,8]", "generation.max_new_tokens=6", "utility.n_references=3",
+              "utility.batch_size=2", "device=cpu"]
+    run_recipe("compare_steering", *common, f"output_dir={tmp_path / 'c'}")
+    result = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert set(result["methods"]) == {"ac_sft", "activation", "both"} and result["layer"] == 1
+    act, ac = result["methods"]["activation"], result["methods"]["ac_sft"]
+    assert act["levels"] == [-8.0, 8.0] and act["n"] == 4 and ac["levels"] == [0, 4]
+    base = result["utility"]["unsteered_perplexity"]
+    assert result["utility"]["references"] == 3 and base > 1
+    assert all(p != pytest.approx(base, rel=1e-6) for p in act["perplexity"])  # the vector really moved the model
+    samples = [json.loads(x) for x in (tmp_path / "c" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * 2 * 2 and (tmp_path / "c" / "compare.png").stat().st_size > 1000
+    proc = run_recipe("compare_steering", *common, "coefficients=[-8,0,8]", f"output_dir={tmp_path / 'bad'}", check=False)
+    assert proc.returncode == 2 and "pairs levels and coefficients by index" in proc.stderr
