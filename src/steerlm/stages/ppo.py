@@ -1,10 +1,11 @@
 """PPO stage: the stage-3 policy trained against the multi-attribute RM collapsed to one scalar reward.
 
-Actor: the SFT model (merged) with a fresh LoRA adapter; the reference is the same model with the adapter
-disabled, i.e. exactly the initial policy, so no second copy is held and KL = 0 before the first update. Critic: the stage-1 RM with its K-head, read per token through the reward
-weights (NeMo-Aligner initialises its critic the same way). Reward: (w · RM(x, y) − μ) / σ. The math is
-in `steerlm.ppo_math`. Rollouts are attribute-conditioned: prompts carry the policy's default attributes
-(or `attributes=` overrides), SteerLM-style.
+Actor: the SFT model (merged) with a fresh LoRA adapter; the reference is the same model with the
+adapter disabled, i.e. exactly the initial policy, so no second copy is held and KL = 0 before the first
+update. Critic: the stage-1 RM with its K-head read per token as (w · head − μ) / σ, the reward's own
+scale (`ppo_setup.critic_values`). Reward: (w · RM(x, y) − μ) / σ. The math is in `steerlm.ppo_math`.
+Rollouts are attribute-conditioned: prompts carry the policy's default attributes (or `attributes=`
+overrides), SteerLM-style.
 
 One PPO step: sample `rollout_batch` prompts -> generate -> score -> old / reference log-probs and values ->
 per-token rewards with the KL penalty -> GAE -> `ppo_epochs` passes of clipped policy and value updates
@@ -117,7 +118,7 @@ def run(cfg: DictConfig) -> dict:
             old_lp, _ = policy_log_probs(actor, b, amp, device)
             with actor.disable_adapter():
                 ref_lp, _ = policy_log_probs(actor, b, amp, device)
-            old_values = critic_values(critic, weights, b["input_ids"], b["attention_mask"], amp, device)
+            old_values = critic_values(critic, weights, mean, std, b["input_ids"], b["attention_mask"], amp, device)
             rewards, kl = token_rewards(score, old_lp, ref_lp, mask, cfg.kl_coef, cfg.absolute_kl)
             adv, ret = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
             adv = whiten(adv, mask)
@@ -135,7 +136,7 @@ def run(cfg: DictConfig) -> dict:
                 (p_loss - cfg.entropy_coef * ent).backward()
                 torch.nn.utils.clip_grad_norm_([p for p in actor.parameters() if p.requires_grad], cfg.optim.max_grad_norm)
                 actor_opt.step()
-                v = critic_values(critic, weights, part["input_ids"], part["attention_mask"], amp, device)
+                v = critic_values(critic, weights, mean, std, part["input_ids"], part["attention_mask"], amp, device)
                 v_loss, v_info = value_loss(v, old_values[sl], ret[sl], mask[sl], cfg.value_clip)
                 critic_opt.zero_grad(set_to_none=True)
                 v_loss.backward()

@@ -80,14 +80,18 @@ def held_out_reward(policy: SteerableModel, scorer, prompts, attributes, weights
 
 
 # ===== critic: V_t = w · head(h_{t−1}) =============================================================
-def critic_values(critic, weights: torch.Tensor, input_ids, attention_mask, amp_dtype, device) -> torch.Tensor:
-    """V_t, the value of the state before token t, read from the hidden state at t − 1 through w · head.
+def critic_values(critic, weights: torch.Tensor, mean: float, std: float, input_ids, attention_mask, amp_dtype,
+                  device) -> torch.Tensor:
+    """V_t, the value of the state before token t, read from the hidden state at t − 1 as (w · head − μ) / σ.
 
-    The RM's K-head turned into a value head by the reward weights: at the final token V starts as
-    (un-standardised) w · RM(x, y), the critic NeMo-Aligner initialises from the RM."""
+    The RM's K-head turned into a value head on the reward's own scale: at initialisation the critic
+    is the RM, so V at the last token is the RM's r(x, y) and V_t is the RM's reward for the response
+    so far (NeMo-Aligner also initialises its critic from the RM). Without the standardisation V
+    starts at w · RM ≈ μ while returns are ≈ 0, and the clipped value loss needs many steps to close a
+    gap of μ / σ: until then GAE's baseline is wrong by that much and the advantages carry no signal."""
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         hidden = critic.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    v = critic.score_pooled(hidden.reshape(-1, hidden.shape[-1])).reshape(*hidden.shape[:2], -1) @ weights
+    v = (critic.score_pooled(hidden.reshape(-1, hidden.shape[-1])).reshape(*hidden.shape[:2], -1) @ weights - mean) / std
     return torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], 1)
 
 
