@@ -256,3 +256,21 @@ def test_build_vectors_and_compare_through_the_cli(policy, tiny_model_dir, tmp_p
     assert len(samples) == 3 * 2 * 2 and (tmp_path / "c" / "compare.png").stat().st_size > 1000
     proc = run_recipe("compare_steering", *common, "coefficients=[-8,0,8]", f"output_dir={tmp_path / 'bad'}", check=False)
     assert proc.returncode == 2 and "pairs levels and coefficients by index" in proc.stderr
+
+    # generate and evaluate take the same steering block
+    gen = [f"model.path={sft}", "prompt=What is DNS?", "generation.max_new_tokens=8", "device=cpu"]
+    texts = {}
+    for name, extra in {"plain": [], "zero": [f"steering.vectors={tmp_path / 'v'}", "steering.attribute=verbosity",
+                                              "steering.coefficient=0"],
+                        "push": [f"steering.vectors={tmp_path / 'v'}", "steering.attribute=verbosity",
+                                 "steering.coefficient=40", "steering.layer=1"]}.items():
+        run_recipe("generate", *gen, *extra, f"output={tmp_path / name}.jsonl")
+        texts[name] = json.loads((tmp_path / f"{name}.jsonl").read_text())["response"]
+    assert texts["zero"] == texts["plain"] != texts["push"]
+    proc = run_recipe("generate", *gen, f"steering.vectors={tmp_path / 'v'}", check=False)
+    assert proc.returncode == 2 and "needs steering.attribute" in proc.stderr
+    run_recipe("evaluate", f"model.path={sft}", f"rm={rm / 'model'}", f"output_dir={tmp_path / 'e'}", "n_prompts=2",
+               "attributes=[verbosity]", "levels=[0,4]", "generation.max_new_tokens=6", "device=cpu",
+               f"steering.vectors={tmp_path / 'v'}", "steering.attribute=verbosity", "steering.coefficient=3")
+    steered = json.loads((tmp_path / "e" / "steerability.json").read_text())["steering"]
+    assert steered["positions"] == "all" and steered["layers"]["1"][0]["type"] == "add"  # layer null: the middle one

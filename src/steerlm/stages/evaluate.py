@@ -38,7 +38,7 @@ from ..data.sources import load_mixture
 from ..engines import torch_engine as te
 from ..errors import ConfigError, DataError
 from ..scoring import RewardScorer, ScoreStats
-from .generate import SteerableModel
+from .generate import SteerableModel, steering_spec
 
 
 # ===== inputs ====================================================================================
@@ -198,7 +198,8 @@ def run(cfg: DictConfig) -> dict:
 
     jobs = [(a, lev, p) for a in attributes for lev in levels for p in prompts]
     options = OmegaConf.to_container(cfg.generation, resolve=True)
-    outputs = model.generate([p for _, _, p in jobs], [{a: lev} for a, lev, _ in jobs], **options)
+    spec = steering_spec(cfg, model)  # the same activation steering on every generation of the sweep
+    outputs = model.generate([p for _, _, p in jobs], [{a: lev} for a, lev, _ in jobs], steering=spec, **options)
     score_stats = ScoreStats()
     scores = scorer.score([(p["system"], p["turns"] + [{"role": "assistant", "content": o["text"]}])
                            for (_, _, p), o in zip(jobs, outputs)], score_stats)
@@ -209,6 +210,7 @@ def run(cfg: DictConfig) -> dict:
 
     result = {
         "model": str(cfg.model.path), "rm": str(cfg.rm), "attributes": report, "levels": levels,
+        "steering": None if spec is None else spec.to_dict()[0],
         "n_prompts": len(prompts), "defaults": model.defaults, "generation": options,
         "generation_stats": model.stats.to_dict(), "rm_scoring": score_stats.to_dict(),
         "peak_mem_mb": round(te.peak_memory_mb(model.device), 1), "device": str(model.device),

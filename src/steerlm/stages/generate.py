@@ -297,6 +297,15 @@ def read_prompts_file(path: str, schema: AttributeSchema) -> list[Prompt]:
     return prompts
 
 
+def steering_spec(cfg: DictConfig, model: SteerableModel):
+    """The recipe's `steering` block as one spec for every prompt (None: no steering)."""
+    from ..engines.torch_engine import decoder_layers
+    from ..steering.vectors import spec_from_config
+
+    block = OmegaConf.to_container(cfg.steering, resolve=True) if cfg.get("steering") is not None else None
+    return spec_from_config(block, len(decoder_layers(model.model)))
+
+
 def run(cfg: DictConfig) -> list[dict]:
     if (cfg.prompt is None) == (cfg.prompts_file is None):
         raise ConfigError("give exactly one of prompt='...' or prompts_file=<.txt|.jsonl>")
@@ -306,13 +315,14 @@ def run(cfg: DictConfig) -> list[dict]:
     # a bad attribute fails before the weights load
     attributes = resolve_attributes(read_card(cfg.model.path), AttributeSchema.load(cfg.model.path), overrides)
     model = SteerableModel.load(cfg.model.path, cfg.device, cfg.precision)
+    spec = steering_spec(cfg, model)
     if cfg.prompt is not None:
         prompts: list[Prompt] = [{"system": cfg.system, "turns": [{"role": "user", "content": str(cfg.prompt)}]}]
     else:
         prompts = [{"system": cfg.system, "turns": [{"role": "user", "content": p}]} if isinstance(p, str) else p
                    for p in read_prompts_file(cfg.prompts_file, model.schema)]
     options = OmegaConf.to_container(cfg.generation, resolve=True)
-    outputs = model.generate(prompts, attributes, **options)
+    outputs = model.generate(prompts, attributes, steering=spec, **options)
     rows = []
     for i, (p, o) in enumerate(zip(prompts, outputs)):
         label = model.schema.format_label(o["attributes"])

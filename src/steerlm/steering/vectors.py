@@ -157,3 +157,20 @@ def build_attribute_vectors(model, tokenizer, fmt: SFTFormat, schema: AttributeS
             "high_score_range": [high[0]["score"], high[-1]["score"]], "low_score_range": [low[0]["score"], low[-1]["score"]],
             "norms": {str(i): round(float(v.norm()), 4) for i, v in result.vectors[a].items()}}
     return result
+
+
+def spec_from_config(steering, n_layers: int) -> Optional[SteeringSpec]:
+    """A recipe's `steering` block -> one spec: `spec` (a saved spec dir) or `vectors` + `attribute` +
+    `coefficient` (+ `layer`, null: the middle one; `positions`). Nothing set: None (no steering)."""
+    if steering is None or (not steering.get("spec") and not steering.get("vectors")):
+        return None
+    if steering.get("spec") and steering.get("vectors"):
+        raise ConfigError("steering: give spec=<dir> or vectors=<dir> with attribute/coefficient, not both")
+    if steering.get("spec"):
+        return SteeringSpec.load(steering["spec"])
+    if not steering.get("attribute"):
+        raise ConfigError("steering.vectors needs steering.attribute (e.g. verbosity)")
+    layer = n_layers // 2 if steering.get("layer") is None else int(steering["layer"])
+    return AttributeVectors.load(steering["vectors"]).spec(steering["attribute"], layer,
+                                                           float(steering.get("coefficient", 1.0)),
+                                                           steering.get("positions", "all"))
