@@ -22,7 +22,7 @@ def models(tiny_model_dir, tmp_path_factory) -> dict:
 def common(models, run_dir) -> list[str]:
     return [f"policy={models['sft']}", f"rm={models['rm']}", f"run_dir={run_dir}", "steps=3", "rollout_batch=4",
             "mini_batch=2", "n_prompts=4", "n_eval_prompts=2", "generation.max_new_tokens=8",
-            "engine.precision=fp32", "optim.actor_lr=1e-3"]
+            "engine.precision=fp32", "optim.actor_lr=1e-3", "critic_warmup_steps=1"]
 
 
 def test_ppo_cli_trains_logs_and_exports(models):
@@ -31,13 +31,14 @@ def test_ppo_cli_trains_logs_and_exports(models):
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["reward_curve"]) == 3 and len(summary["kl_curve"]) == 3
     assert summary["kl_curve"][0] == pytest.approx(0.0, abs=1e-5)  # step 1: a fresh adapter, π = π_ref exactly
-    assert summary["kl_curve"][-1] != 0.0
+    assert summary["kl_curve"][1] == pytest.approx(0.0, abs=1e-5)  # step 1 was critic warm-up: π unchanged
+    assert summary["kl_curve"][-1] != 0.0 and summary["entropy_curve"][0] is None and summary["entropy_curve"][1] > 0
     assert summary["held_out_reward"]["prompts"] == 2 and summary["held_out_reward"]["after"] is not None
     assert summary["reward_weights"][4:6] == [1.0, 0.5] and sum(summary["reward_weights"]) == 1.5
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for key in ("ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/entropy", "ppo/clip_fraction", "ppo/value_loss",
                 "ppo/generated_tokens_per_s"):
-        assert all(key in m for m in metrics if m.get("step")), key
+        assert all(key in m for m in metrics if m.get("step", 0) > 1), key  # step 1: critic warm-up, no policy metrics
     card = json.loads((out / "model" / "steerlm_sft.json").read_text())
     assert card["ppo"]["steps"] == 3 and card["lora"] is False and (out / "model" / "model.safetensors").exists()
     from transformers import AutoModelForSequenceClassification
@@ -80,3 +81,17 @@ def test_kill_9_then_resume_gives_the_uninterrupted_run(models):
     # a checkpoint from another LoRA shape is refused, not half-loaded
     proc = run_recipe("train_ppo", *common(models, killed), *steps, "steps=5", "lora.r=4", check=False)
     assert proc.returncode == 2 and "does not match this config's LoRA" in proc.stderr
+
+
+def test_critic_none_trains_without_a_value_model(models):
+    out = models["base"] / "nocritic"
+    run_recipe("train_ppo", *common(models, out), "critic=none", "reward.weights=[0,0,0,0,1.0,0,0,0,0]")
+    summary = json.loads((out / "summary.json").read_text())
+    assert not (out / "critic").exists() and (out / "model" / "model.safetensors").exists()
+    assert summary["kl_curve"][1] != 0.0 and summary["entropy_curve"][0] is not None  # no warm-up without a critic
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("ppo/value_loss" not in m and "ppo/clip_fraction" in m for m in metrics if m.get("step"))
+    # its checkpoint has no critic: resuming it with a critic is refused
+    proc = run_recipe("train_ppo", *common(models, out), "critic=rm", "steps=4", "reward.weights=[0,0,0,0,1.0,0,0,0,0]",
+                      check=False)
+    assert proc.returncode == 2 and "saved without a critic" in proc.stderr

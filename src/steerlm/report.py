@@ -233,7 +233,8 @@ def ppo_section(d: Path, out_dir: Path) -> list:
     png = out_dir / "ppo_curves.png"
     plot_panels({"reward (mean over rollouts, ± std)": list(zip(steps, s["reward_curve"])),
                  "KL(π ‖ π_ref) per response (nats)": list(zip(steps, s["kl_curve"])),
-                 "policy entropy per token": list(zip(steps, s["entropy_curve"]))}, png, "PPO", xlabel="PPO step",
+                 "policy entropy per token": [(k, e) for k, e in zip(steps, s["entropy_curve"]) if e is not None]},
+                png, "PPO", xlabel="PPO step",
                 bands={"reward (mean over rollouts, ± std)": s["reward_std_curve"]})
     blocks.append(("img", png, "per PPO step: rollout reward, KL to the reference policy, entropy"))
     return blocks

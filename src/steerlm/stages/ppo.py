@@ -74,8 +74,13 @@ def run(cfg: DictConfig) -> dict:
                        OmegaConf.to_container(cfg.lora, resolve=True)).to(device)
     scorer = RewardScorer(cfg.rm, device=str(device), precision=cfg.precision, batch_tokens=cfg.rm_batch_tokens,
                           over_length="truncate_left")
-    critic = load_reward_model(cfg.rm, schema, pad_token_id=tokenizer.pad_token_id, require_rm=True).to(device)
-    check_reward_heads(critic.config.num_labels, schema, w_list)
+    if cfg.critic not in ("rm", "none"):
+        raise ConfigError(f"critic={cfg.critic!r}: choose rm (initialised from the RM) or none (V = 0)")
+    from transformers import AutoConfig
+
+    check_reward_heads(AutoConfig.from_pretrained(cfg.rm).num_labels, schema, w_list)
+    critic = load_reward_model(cfg.rm, schema, pad_token_id=tokenizer.pad_token_id, require_rm=True).to(device) \
+        if cfg.critic == "rm" else None
     print0(f"ppo: reward = (w . RM - {mean:.3f}) / {std:.3f} [{std_src}], w = {dict(zip(schema.attributes, w_list))}")
 
     gen = SteerableModel(actor, tokenizer, schema, card, device)
@@ -84,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
     actor_opt = te.build_optimizer([p for p in actor.parameters() if p.requires_grad], cfg.optim.actor_lr,
                                    cfg.optim.weight_decay, tuple(cfg.optim.betas))
     critic_opt = te.build_optimizer([p for p in critic.parameters() if p.requires_grad], cfg.optim.critic_lr,
-                                    cfg.optim.weight_decay, tuple(cfg.optim.betas))
+                                    cfg.optim.weight_decay, tuple(cfg.optim.betas)) if critic is not None else None
     state = maybe_resume_ppo(cfg.resume, run_dir, actor, critic, actor_opt, critic_opt)
     actor.eval()
     if state is None:
@@ -118,7 +123,8 @@ def run(cfg: DictConfig) -> dict:
             old_lp, _ = policy_log_probs(actor, b, amp, device)
             with actor.disable_adapter():
                 ref_lp, _ = policy_log_probs(actor, b, amp, device)
-            old_values = critic_values(critic, weights, mean, std, b["input_ids"], b["attention_mask"], amp, device)
+            old_values = critic_values(critic, weights, mean, std, b["input_ids"], b["attention_mask"], amp, device) \
+                if critic is not None else torch.zeros_like(mask)  # no critic: A_t = whitened return (λ = 1)
             rewards, kl = token_rewards(score, old_lp, ref_lp, mask, cfg.kl_coef, cfg.absolute_kl)
             adv, ret = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
             adv = whiten(adv, mask)
@@ -129,21 +135,25 @@ def run(cfg: DictConfig) -> dict:
             for s0 in range(0, len(keep), mb):
                 sl = slice(s0, s0 + mb)
                 part = {k: v[sl] for k, v in b.items()}
-                lp, logits = policy_log_probs(actor, part, amp, device)
-                p_loss, p_info = policy_loss(lp, old_lp[sl], adv[sl], mask[sl], cfg.clip_eps)
-                ent = entropy(logits, torch.ones(logits.shape[0], device=device))  # logits: response tokens only
-                actor_opt.zero_grad(set_to_none=True)
-                (p_loss - cfg.entropy_coef * ent).backward()
-                torch.nn.utils.clip_grad_norm_([p for p in actor.parameters() if p.requires_grad], cfg.optim.max_grad_norm)
-                actor_opt.step()
-                v = critic_values(critic, weights, mean, std, part["input_ids"], part["attention_mask"], amp, device)
-                v_loss, v_info = value_loss(v, old_values[sl], ret[sl], mask[sl], cfg.value_clip)
-                critic_opt.zero_grad(set_to_none=True)
-                v_loss.backward()
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm)
-                critic_opt.step()
-                infos.append({"policy_loss": float(p_loss.detach()), "value_loss": float(v_loss.detach()),
-                              "entropy": float(ent.detach()), **p_info, **v_info})
+                info = {}
+                if critic is None or step > int(cfg.critic_warmup_steps):  # warm-up: the critic learns the returns first
+                    lp, logits = policy_log_probs(actor, part, amp, device)
+                    p_loss, p_info = policy_loss(lp, old_lp[sl], adv[sl], mask[sl], cfg.clip_eps)
+                    ent = entropy(logits, torch.ones(logits.shape[0], device=device))  # logits: response tokens only
+                    actor_opt.zero_grad(set_to_none=True)
+                    (p_loss - cfg.entropy_coef * ent).backward()
+                    torch.nn.utils.clip_grad_norm_([p for p in actor.parameters() if p.requires_grad], cfg.optim.max_grad_norm)
+                    actor_opt.step()
+                    info = {"policy_loss": float(p_loss.detach()), "entropy": float(ent.detach()), **p_info}
+                if critic is not None:
+                    v = critic_values(critic, weights, mean, std, part["input_ids"], part["attention_mask"], amp, device)
+                    v_loss, v_info = value_loss(v, old_values[sl], ret[sl], mask[sl], cfg.value_clip)
+                    critic_opt.zero_grad(set_to_none=True)
+                    v_loss.backward()
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm)
+                    critic_opt.step()
+                    info.update(value_loss=float(v_loss.detach()), **v_info)
+                infos.append(info)
         actor.eval()
         gen_tokens = sum(outs[k]["tokens"] for k in keep)
         step_s = time.time() - t0
@@ -167,9 +177,10 @@ def run(cfg: DictConfig) -> dict:
     merged = actor.merge_and_unload()  # the policy as a plain HF model (the adapter sat on the merged SFT model)
     save_hf_model(merged, {k: v.detach().cpu() for k, v in merged.state_dict().items()}, run_dir / "model",
                   tokenizer=tokenizer, schema=schema, extra_json={SFT_CARD: new_card})
-    save_hf_model(critic.hf_model, {k: v.detach().cpu() for k, v in critic.hf_model.state_dict().items()},
-                  run_dir / "critic", tokenizer=tokenizer, schema=schema)
-    curve = lambda key: [h[key] for h in history]
+    if critic is not None:
+        save_hf_model(critic.hf_model, {k: v.detach().cpu() for k, v in critic.hf_model.state_dict().items()},
+                      run_dir / "critic", tokenizer=tokenizer, schema=schema)
+    curve = lambda key: [h.get(key) for h in history]  # policy metrics are absent in critic warm-up steps
     summary = {"steps": int(cfg.steps), "reward_weights": w_list,
                "standardisation": {"mean": mean, "std": std, "from": std_src}, "prompts": prompt_counts,
                "held_out_reward": {"before": before, "after": after, "prompts": len(eval_prompts)},

@@ -125,9 +125,11 @@ def save_ppo_state(run_dir: Path, step: int, actor, critic, actor_opt, critic_op
     """Actor adapter + critic weights (safetensors), both optimizers + RNG, and the run's history so far."""
     trainable = {n for n, p in actor.named_parameters() if p.requires_grad}
     model_state = {f"actor.{k}": v for k, v in actor.state_dict().items() if k in trainable}
-    model_state.update({f"critic.{k}": v for k, v in critic.state_dict().items()})
+    if critic is not None:
+        model_state.update({f"critic.{k}": v for k, v in critic.state_dict().items()})
+    optimizer_state = {"actor": actor_opt.state_dict(), **({"critic": critic_opt.state_dict()} if critic else {})}
     ckpt.save_training_state(run_dir, step, model_state=model_state, keep_last=keep_last, state=state,
-                             optimizer_state={"actor": actor_opt.state_dict(), "critic": critic_opt.state_dict()})
+                             optimizer_state=optimizer_state)
 
 
 def maybe_resume_ppo(resume, run_dir: Path, actor, critic, actor_opt, critic_opt) -> Optional[dict]:
@@ -143,8 +145,12 @@ def maybe_resume_ppo(resume, run_dir: Path, actor, critic, actor_opt, critic_opt
         raise ConfigError(f"{path}: its actor adapter does not match this config's LoRA (names or shapes differ); "
                           f"resume=never starts over")
     actor.load_state_dict(actor_state, strict=False)
-    critic.load_state_dict({k[len("critic."):]: v for k, v in model_state.items() if k.startswith("critic.")})
+    if (critic is None) != ("critic" not in optim_state):
+        raise ConfigError(f"{path}: saved {'with' if 'critic' in optim_state else 'without'} a critic, but this config "
+                          f"has critic={'none' if critic is None else 'rm'}; resume=never starts over")
     actor_opt.load_state_dict(optim_state["actor"])
-    critic_opt.load_state_dict(optim_state["critic"])
+    if critic is not None:
+        critic.load_state_dict({k[len("critic."):]: v for k, v in model_state.items() if k.startswith("critic.")})
+        critic_opt.load_state_dict(optim_state["critic"])
     print0(f"ppo: resumed from {path} at step {state['step']}")
     return state
