@@ -95,3 +95,4 @@ def test_critic_none_trains_without_a_value_model(models):
     proc = run_recipe("train_ppo", *common(models, out), "critic=rm", "steps=4", "reward.weights=[0,0,0,0,1.0,0,0,0,0]",
                       check=False)
     assert proc.returncode == 2 and "saved without a critic" in proc.stderr
+
