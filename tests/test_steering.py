@@ -274,3 +274,23 @@ def test_build_vectors_and_compare_through_the_cli(policy, tiny_model_dir, tmp_p
                f"steering.vectors={tmp_path / 'v'}", "steering.attribute=verbosity", "steering.coefficient=3")
     steered = json.loads((tmp_path / "e" / "steerability.json").read_text())["steering"]
     assert steered["positions"] == "all" and steered["layers"]["1"][0]["type"] == "add"  # layer null: the middle one
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma", "gemma2"])
+def test_hooks_on_other_decoder_families(family):
+    """The hooks find and steer the decoder layers of each family the issue names (tiny random configs)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(family, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, 128, (2, 6))
+    with torch.no_grad():
+        plain = model(input_ids=ids, output_hidden_states=True)
+        assert torch.equal(logits(model, ids, specs=SteeringSpec.add(1, torch.randn(32), 0.0)), plain.logits)
+        with steer(model, capture_layers=[0]) as cap:
+            model(input_ids=ids)
+        assert torch.allclose(cap[0], plain.hidden_states[1], atol=1e-5)
+        moved = logits(model, ids, specs=[SteeringSpec.add(0, torch.randn(32), 8.0), None])
+    assert not torch.allclose(moved[0], plain.logits[0]) and torch.allclose(moved[1], plain.logits[1], atol=1e-6)
