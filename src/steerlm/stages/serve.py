@@ -131,6 +131,9 @@ def parse_request(body: dict, policy: SteerableModel, vectors, default_layer: in
 
 
 def make_handler(policy: SteerableModel, batcher: Batcher, vectors, model_id: str, default_layer: int, defaults: dict):
+    from ..engines.torch_engine import decoder_layers
+
+    n_layers = len(decoder_layers(policy.model))  # once, not per request
     class Handler(BaseHTTPRequestHandler):
         def _send(self, code: int, obj: dict):
             data = json.dumps(obj).encode()
@@ -154,11 +157,8 @@ def make_handler(policy: SteerableModel, batcher: Batcher, vectors, model_id: st
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 job = parse_request(body, policy, vectors, default_layer, defaults)
-                spec = job["steering"]
-                if spec is not None:
-                    from ..engines.torch_engine import decoder_layers
-
-                    spec.check(len(decoder_layers(policy.model)), policy.model.config.hidden_size)
+                if job["steering"] is not None:
+                    job["steering"].check(n_layers, policy.model.config.hidden_size)
             except (BadRequest, ConfigError, DataError, json.JSONDecodeError, ValueError, TypeError) as e:
                 return self._send(400, {"error": {"message": str(e), "type": "invalid_request_error"}})
             try:

@@ -60,6 +60,9 @@ def steer(model: nn.Module, specs: Specs = None, *, batch_size: Optional[int] = 
             raise ConfigError(f"steering positions={s.positions!r} needs the prompt lengths of the batch")
     capture = Capture(capture_layers)
     state = {"seen": 0, "offset": 0}
+    # fixed for the whole context: built once here, not on every layer of every decoding step
+    row_of = {k: None if per_row is None else torch.tensor([r is s for r in per_row]) for k, s in distinct.items()}
+    lengths = torch.as_tensor(prompt_lengths) if prompt_lengths is not None else None
 
     def count_positions(_module, args, kwargs):
         x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
@@ -72,15 +75,15 @@ def steer(model: nn.Module, specs: Specs = None, *, batch_size: Optional[int] = 
         def hook(_module, _args, output):
             h = output[0] if isinstance(output, tuple) else output
             B, T, _ = h.shape
-            for spec in distinct.values():
+            for key, spec in distinct.items():
                 ls = spec.layers.get(index)
                 if ls is None or ls.is_noop():
                     continue
-                rows = torch.tensor([per_row is None or per_row[r] is spec for r in range(B)], device=h.device)
-                mask = rows.unsqueeze(1).expand(B, T)
+                rows = row_of[key]
+                mask = (torch.ones(B, dtype=torch.bool) if rows is None else rows).to(h.device).unsqueeze(1).expand(B, T)
                 if spec.positions != "all":
                     t = state["offset"] + torch.arange(T, device=h.device).unsqueeze(0)
-                    is_prompt = t < torch.as_tensor(prompt_lengths, device=h.device).unsqueeze(1)
+                    is_prompt = t < lengths.to(h.device).unsqueeze(1)
                     mask = mask & (is_prompt if spec.positions == "prompt" else ~is_prompt)
                 h = torch.where(mask.unsqueeze(-1), ls.apply(h), h)
             if index in capture.layers:
