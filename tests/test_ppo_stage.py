@@ -96,3 +96,48 @@ def test_critic_none_trains_without_a_value_model(models):
                       check=False)
     assert proc.returncode == 2 and "saved without a critic" in proc.stderr
 
+
+
+def letter_fraction_reward(scorer, prompts, texts, schema, weights, mean, std, stats=None):
+    """A known reward in place of the RM: the fraction of a response's characters that are ASCII letters or
+    spaces (the optimum, 1.0, is reachable: avoid the byte tokens that decode to '�' and punctuation)."""
+    frac = [sum(c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ " for c in t) / max(len(t), 1) for t in texts]
+    return list(range(len(texts))), torch.tensor(frac)
+
+
+def run_known_reward_ppo(models, run_dir, kl_coef: float, monkeypatch) -> dict:
+    """The whole stage (rollouts, RM critic, GAE, clipped updates, held-out eval) in-process with the reward swapped.
+
+    The LoRA adapter includes lm_head: a random tiny model's logits are bounded by its lm_head scale
+    (RMSNorm fixes |h|, so |logit| <= |h| |w_v| ~ 1.3), and an adapter without it cannot concentrate the policy.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+    from steerlm.stages import ppo
+
+    monkeypatch.setattr(ppo, "score_responses", letter_fraction_reward)
+    monkeypatch.setattr("steerlm.stages.ppo_setup.score_responses", letter_fraction_reward)  # held-out reward
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="ppo", overrides=[
+            f"policy={models['sft']}", f"rm={models['rm']}", f"run_dir={run_dir}", "steps=24", "rollout_batch=32",
+            "mini_batch=16", "n_prompts=16", "n_eval_prompts=4", "generation.max_new_tokens=8", "engine.precision=fp32",
+            "optim.actor_lr=1e-2", "critic=none", "save_every=0", f"kl_coef={kl_coef}",
+            "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]"])
+    return ppo.run(cfg)
+
+
+def test_ppo_stage_raises_a_known_reward_and_the_kl_penalty_bounds_the_drift(models, monkeypatch):
+    mean = lambda xs: sum(xs) / len(xs)
+    weak = run_known_reward_ppo(models, models["base"] / "known_beta0.01", 0.01, monkeypatch)
+    print("known-reward PPO, β 0.01:", [round(r, 3) for r in weak["reward_curve"]], [round(k, 2) for k in weak["kl_curve"]])
+    start, end = mean(weak["reward_curve"][:4]), mean(weak["reward_curve"][-4:])
+    assert start < 0.8 and end > 0.88 and end > start + 0.12, weak["reward_curve"]
+    held = weak["held_out_reward"]
+    assert held["after"] > held["before"], held  # greedy responses to prompts it never trained on
+    # β 10x larger: the policy stays near π_ref and earns less (the regularised optimum moves toward π_ref)
+    strong = run_known_reward_ppo(models, models["base"] / "known_beta0.1", 0.1, monkeypatch)
+    print("β 0.1:", [round(r, 3) for r in strong["reward_curve"]], [round(k, 2) for k in strong["kl_curve"]])
+    kl_weak, kl_strong = mean(weak["kl_curve"][-6:]), mean(strong["kl_curve"][-6:])
+    assert kl_strong < 3.0 and kl_strong < 0.4 * kl_weak, (weak["kl_curve"], strong["kl_curve"])
+    assert mean(strong["reward_curve"][-6:]) < mean(weak["reward_curve"][-6:])
