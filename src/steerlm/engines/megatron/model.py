@@ -1,0 +1,229 @@
+"""Megatron-core GPTModel from an HF decoder: build, load HF weights, forward, gather back to HF.
+
+Process groups come from `megatron.core.parallel_state` (initialised by `init_parallel`), launched with torchrun:
+each rank holds 1/TP of every matrix and 1/PP of the layers. The model uses Megatron's local layer spec
+(plain PyTorch attention and norms): transformer_engine is optional and not needed to run.
+
+Sequences are right-padded and attention is causal only, so every real token sees only real tokens; the RM
+reads the last real token and SFT's loss mask excludes the padding.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import ConfigError
+from .convert import DecoderShape, hf_to_megatron, layer_range, megatron_to_hf, rope_settings
+
+
+def _mcore():
+    try:
+        from megatron.core import parallel_state, tensor_parallel  # noqa: F401
+    except ImportError as e:  # the optional extra
+        raise ConfigError(f"engine=megatron needs megatron-core: pip install -e '.[megatron]' ({e})") from None
+    import megatron.core as mcore
+    return mcore
+
+
+def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> dict:
+    """torch.distributed (env from torchrun; nccl on GPU, gloo on CPU) + Megatron's TP/PP/DP groups -> ranks."""
+    mcore = _mcore()
+    ps = mcore.parallel_state
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:  # a single process: a world of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group(backend)
+    world = torch.distributed.get_world_size()
+    if world % (tp * pp):
+        raise ConfigError(f"world size {world} is not a multiple of tensor_parallel {tp} x pipeline_parallel {pp}")
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    mcore.tensor_parallel.model_parallel_cuda_manual_seed(seed)  # attention's RNG tracker needs its state
+    return {"tp_rank": ps.get_tensor_model_parallel_rank(), "pp_rank": ps.get_pipeline_model_parallel_rank(),
+            "dp_rank": ps.get_data_parallel_rank(), "dp_size": ps.get_data_parallel_world_size(), "tp": tp, "pp": pp}
+
+
+def transformer_config(hf_config, *, tp: int, pp: int, sequence_parallel: bool = False,
+                       dtype: torch.dtype = torch.float32):
+    """Megatron's TransformerConfig for an HF Llama-family config. Fusions off: they need CUDA kernels (TE/apex)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    s = DecoderShape.from_hf(hf_config)
+    s.check_parallel(tp, pp)
+    if sequence_parallel and tp == 1:
+        sequence_parallel = False  # nothing to split
+    if sequence_parallel:  # Megatron's local spec norms are torch's, which refuse sequence-parallel inputs
+        raise ConfigError("sequence_parallel needs transformer_engine's layer spec, which engine=megatron does not "
+                          "use yet (it builds the local spec); set sequence_parallel=false")
+    return TransformerConfig(
+        num_layers=s.layers, hidden_size=s.hidden, num_attention_heads=s.heads, num_query_groups=s.groups,
+        kv_channels=s.head_dim, ffn_hidden_size=s.ffn, normalization="RMSNorm", layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=s.qkv_bias,
+        qk_layernorm=s.qk_norm, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
+        use_cpu_initialization=True, perform_initialization=False,  # the weights come from the HF checkpoint
+        masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+        calculate_per_token_loss=True)  # the loss function divides by the global batch's token count itself
+
+
+def build_gpt(hf_config, *, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
+              dtype: torch.dtype = torch.float32):
+    """The GPTModel stage of this rank (uninitialised weights: call `load_hf_state`)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    s = DecoderShape.from_hf(hf_config)
+    cfg = transformer_config(hf_config, tp=tp, pp=pp, sequence_parallel=sequence_parallel, dtype=dtype)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=s.qk_norm)
+    model = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=s.vocab,
+                     max_sequence_length=hf_config.max_position_embeddings, position_embedding_type="rope",
+                     share_embeddings_and_output_weights=s.tied, parallel_output=True,
+                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                     **rope_settings(hf_config))
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    model.hf_shape, model.hf_config = s, hf_config
+    return model
+
+
+def load_hf_state(model, hf_state: dict[str, torch.Tensor]) -> None:
+    """Copy this rank's slices of an HF state dict into the model; every parameter must be covered, exactly."""
+    from megatron.core import parallel_state as ps
+
+    s, tp, pp = model.hf_shape, ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    mine = hf_to_megatron(hf_state, s, tp, ps.get_tensor_model_parallel_rank(), pp, ps.get_pipeline_model_parallel_rank())
+    if isinstance(getattr(model, "output_layer", None), HiddenStates):
+        mine.pop("output_layer.weight", None)  # a reward model has no LM head
+    own = _tensors(model)
+    if own.keys() != mine.keys():
+        raise ConfigError(f"HF -> Megatron mapping mismatch: missing {sorted(own.keys() - mine.keys())[:5]}, "
+                          f"unexpected {sorted(mine.keys() - own.keys())[:5]}")
+    with torch.no_grad():
+        for k, t in own.items():
+            if t.shape != mine[k].shape:
+                raise ConfigError(f"HF -> Megatron: {k} is {tuple(mine[k].shape)}, the model expects {tuple(t.shape)}")
+            t.copy_(mine[k])
+
+
+def _tensors(model) -> dict[str, torch.Tensor]:
+    """The model's weights (Megatron's state dict also holds `_extra_state` entries: not weights)."""
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and not k.endswith("._extra_state")}
+
+
+def local_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in _tensors(model).items()}
+
+
+def gather_hf_state(model) -> Optional[dict[str, torch.Tensor]]:
+    """Every rank's shards -> the HF state dict on global rank 0 (None elsewhere). Holds the full model in rank 0's
+    CPU memory: fine up to tens of GB; for 70B prefer Megatron's distributed checkpoint plus an offline export."""
+    from megatron.core import parallel_state as ps
+
+    key = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
+    is_dp0 = ps.get_data_parallel_rank() == 0
+    mine = (key, local_state(model)) if is_dp0 else None  # data-parallel replicas are identical: send one
+    world = torch.distributed.get_world_size()
+    gathered = [None] * world if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(mine, gathered, dst=0)
+    if gathered is None:
+        return None
+    shards = dict(x for x in gathered if x is not None)
+    return megatron_to_hf(shards, model.hf_shape, ps.get_tensor_model_parallel_world_size(),
+                          ps.get_pipeline_model_parallel_world_size())
+
+
+def export_hf(model, out_dir, *, tokenizer=None, schema=None, extra_json=None, dtype=None):
+    """Gather the shards and write an HF checkpoint (`save_pretrained`, safetensors) that transformers loads without
+    steerlm; rank 0 writes, atomically. -> the directory on rank 0, None elsewhere."""
+    from transformers import AutoModelForCausalLM
+
+    from ...checkpoint import save_hf_model
+
+    state = gather_hf_state(model)
+    if state is None:
+        return None
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(model.hf_config)
+    expected = set(hf_model.state_dict()) - ({"lm_head.weight"} if model.hf_shape.tied else set())
+    if set(state) != expected:
+        raise ConfigError(f"Megatron -> HF: keys differ from {type(hf_model).__name__}: missing "
+                          f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    return save_hf_model(hf_model, state, out_dir, tokenizer=tokenizer, schema=schema, extra_json=extra_json)
+
+
+def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+
+
+def forward_logits(model, input_ids: torch.Tensor, gather: bool = False) -> torch.Tensor:
+    """(B, S) ids -> (B, S, V/TP) logits of this rank's vocabulary shard ((B, S, V) with gather=True).
+    Single-stage (PP=1) only: pipeline stages run through `pipeline_forward_backward`."""
+    return model(input_ids=input_ids, position_ids=position_ids_for(input_ids), attention_mask=None,
+                 runtime_gather_output=gather)
+
+
+def token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token −log p(labels) (B, S) with Megatron's vocab-parallel cross entropy (no full-vocab gather)."""
+    return model(input_ids=input_ids, position_ids=position_ids_for(input_ids), attention_mask=None, labels=labels)
+
+
+class HiddenStates(torch.nn.Module):
+    """Stands in for GPTModel.output_layer so the model returns final-norm hidden states (B, S, H), as a reward
+    model needs: no vocabulary-sized projection is computed. Sequence-parallel shards are gathered first."""
+
+    def __init__(self, sequence_parallel: bool):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, hidden, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+            hidden = gather_from_sequence_parallel_region(hidden)
+        return hidden, None
+
+
+def as_hidden_state_model(model):
+    """Drop the LM head (untied: its weights are freed) and return hidden states from forward."""
+    model.output_layer = HiddenStates(model.config.sequence_parallel)
+    model.share_embeddings_and_output_weights = False
+    return model
+
+
+def pipeline_forward_backward(model, microbatches: list[dict], loss_fn, *, forward_only: bool = False) -> list:
+    """Megatron's 1F1B schedule over `microbatches` (dicts of equal-shape (B, S) tensors, `input_ids` and what
+    `loss_fn` reads). On the last stage `loss_fn(output, mb)` -> (loss already divided by the global batch's token
+    count, tokens, logs). Gradients accumulate in the parameters' .grad; -> the logs (last stage; [] elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    shapes = {tuple(mb["input_ids"].shape) for mb in microbatches}
+    if len(shapes) != 1:
+        raise ConfigError(f"pipeline micro-batches must share one (batch, length) shape; got {sorted(shapes)}")
+    (B, S), = shapes
+
+    def step(data_iterator, model):
+        mb = next(data_iterator)
+        out = model(input_ids=mb["input_ids"], position_ids=position_ids_for(mb["input_ids"]), attention_mask=None,
+                    labels=mb.get("labels"))
+        return out, lambda output: loss_fn(output, mb)
+
+    return get_forward_backward_func()(forward_step_func=step, data_iterator=iter(microbatches), model=[model],
+                                       num_microbatches=len(microbatches), seq_length=S, micro_batch_size=B,
+                                       forward_only=forward_only)
+
+
+__all__ = ["pipeline_forward_backward", "export_hf", "init_parallel", "transformer_config", "build_gpt", "load_hf_state", "gather_hf_state", "local_state",
+           "forward_logits", "token_nll", "as_hidden_state_model", "layer_range"]
