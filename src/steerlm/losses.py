@@ -87,6 +87,8 @@ def next_token_nll(model, batch: dict) -> tuple[torch.Tensor, int]:
     The sum (not the mean) is returned so the caller can divide by the trained-token count of the
     whole global batch: the step is then the same for any packing, micro-batching or world size.
     """
+    if getattr(model, "is_megatron", False):  # engine=megatron: vocab-parallel cross entropy on TP shards
+        return model.next_token_nll(batch)
     logits, targets, _ = target_logits(model, batch)
     return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
 

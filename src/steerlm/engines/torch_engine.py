@@ -26,6 +26,14 @@ from torch import nn
 from ..errors import ConfigError
 
 STRATEGIES = ("single", "ddp", "fsdp2")
+# The group that data-parallel collectives (loss sums, gathered predictions) run over: the world, except under
+# engine=megatron, where tensor-parallel ranks of one replica hold the same data (set by engines.megatron.engine).
+_DATA_GROUP = None
+
+
+def set_data_group(group) -> None:
+    global _DATA_GROUP
+    _DATA_GROUP = group
 
 
 @dataclass
@@ -85,6 +93,8 @@ def barrier() -> None:
 
 
 def resolve_strategy(strategy: str, info: DistInfo) -> str:
+    if strategy == "megatron":  # engine=megatron: its process groups are up (engines.megatron.engine.distributed)
+        return strategy
     if strategy not in STRATEGIES + ("auto",):
         raise ConfigError(f"unknown engine.strategy {strategy!r}; choose one of {STRATEGIES} or auto")
     if strategy == "auto":
@@ -135,7 +145,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def wrap_model(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     """Move to the device and wrap for the strategy. Returns the module to call."""
     model.to(info.device)
-    if strategy == "single":
+    if strategy in ("single", "megatron"):  # megatron: TP shards are in the model; DP grads sync in grad_sync_context
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -177,7 +187,18 @@ def grad_sync_context(model: nn.Module, strategy: str, sync: bool):
         return model.no_sync()
     if strategy == "fsdp2":
         model.set_requires_gradient_sync(sync)
+    if strategy == "megatron" and sync:
+        return _sync_megatron_grads_after(model)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _sync_megatron_grads_after(model: nn.Module):
+    """engine=megatron: average the data-parallel replicas' gradients after the step's last backward."""
+    from .megatron.engine import sync_data_parallel_grads
+
+    yield
+    sync_data_parallel_grads(model)
 
 
 def build_optimizer(params: Iterable[nn.Parameter], lr: float, weight_decay: float,
@@ -209,6 +230,10 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    if getattr(model, "is_megatron", False):  # TP shards: the norm needs every rank's part
+        from .megatron.engine import clip_grad_norm as megatron_clip
+
+        return megatron_clip(model, max_norm)
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
@@ -222,15 +247,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_DATA_GROUP)
     return t.tolist()
 
 
 def all_gather_objects(obj):
     if not dist.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(_DATA_GROUP)
+    dist.all_gather_object(out, obj, group=_DATA_GROUP)
     return out
 
 
@@ -273,6 +298,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- state dicts
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    if getattr(model, "is_megatron", False):  # gathered and converted to HF names on global rank 0 ({} elsewhere)
+        return model.full_state()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -89,6 +89,11 @@ def label_conversations(conversations: Sequence[dict], scorer: RewardScorer, *, 
 
 
 def run(cfg: DictConfig) -> dict:
+    if cfg.engine.get("strategy") == "megatron":  # the RM split over TP ranks; replicas share the chunks
+        from ..engines.megatron.engine import distributed as megatron_distributed
+
+        with megatron_distributed(cfg.engine) as info:
+            return _run(cfg, info)
     with te.distributed(cfg.engine.device) as info:
         return _run(cfg, info)
 
@@ -108,7 +113,9 @@ def _run(cfg: DictConfig, info: te.DistInfo) -> dict:
         shutil.rmtree(parts, ignore_errors=True)
     te.barrier()
     scorer = RewardScorer(cfg.rm, device=str(info.device), precision=cfg.engine.precision,
-                          batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, over_length=cfg.over_length)
+                          batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, over_length=cfg.over_length,
+                          tensor_parallel=getattr(info, "tp", None))
+    writer = getattr(info, "tp_rank", 0) == 0  # under Megatron the TP ranks of a replica score the same chunks
     specs = [OmegaConf.to_container(s, resolve=True) for s in cfg.input]
     require_input_schemas(specs, scorer.schema, other_what=f"RM {cfg.rm}")  # a labeled input carries its schema
     conversations, load_stats = load_mixture(specs, scorer.schema)
@@ -125,7 +132,8 @@ def _run(cfg: DictConfig, info: te.DistInfo) -> dict:
         for c in todo:
             chunk_stats = ScoreStats()
             rows = label_conversations(chunks[c], scorer, keep_human_labels=cfg.keep_human_labels, stats=chunk_stats)
-            commit_chunk(parts, c, rows, fingerprint, chunk_stats)
+            if writer:
+                commit_chunk(parts, c, rows, fingerprint, chunk_stats)
             stats.add(chunk_stats)
             bar.update(1)
             bar.set_postfix(rows_s=f"{stats.inputs / max(stats.seconds, 1e-9):.1f}",

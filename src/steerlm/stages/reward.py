@@ -74,6 +74,13 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     data = setup_data(cfg, schema, tokenizer, pair_objective)
     rm = load_reward_model(cfg.model.path, schema, pad_token_id=tokenizer.pad_token_id,
                            dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation)
+    if strategy == "megatron":  # TP-sharded backbone, same head and export (engines/megatron/reward_model.py)
+        from ..engines.megatron.reward_model import MegatronRewardModel
+
+        if cfg.train.save_every > 0 or (cfg.resume == "auto" and ckpt.find_latest_checkpoint(run_dir)):
+            raise ConfigError("engine=megatron does not write or resume training checkpoints yet: set "
+                              "train.save_every=0 (and use a fresh run_dir)")
+        rm = MegatronRewardModel(rm, tp=info.tp, dtype=getattr(torch, cfg.model.dtype))
     if cfg.model.freeze_backbone:
         rm.freeze_backbone()
     logger = MetricLogger(run_dir, is_main=info.is_main, wandb_cfg=cfg.logging.wandb,
@@ -162,6 +169,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         "train_tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
         "feature_tokens_per_s": forward.cache.tokens_per_s if forward.cache else None,
         "peak_mem_mb": round(te.peak_memory_mb(info.device), 1), "world_size": info.world_size,
+        "tensor_parallel": getattr(info, "tp", 1),
         "strategy": strategy, "frozen_backbone": frozen, "data": data["reports"],
     }
     if info.is_main:

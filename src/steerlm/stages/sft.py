@@ -77,7 +77,9 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         model.config.use_cache = False
     if lora:
         model = apply_lora(model, OmegaConf.to_container(cfg.model.lora, resolve=True))
-    hf_model = model
+    if strategy == "megatron":  # TP-sharded GPTModel; exported back to this HF model's layout
+        model = megatron_policy(cfg, model, info, run_dir)
+    hf_model = model.hf_model if strategy == "megatron" else model
     model = te.wrap_model(model, strategy, info)
     if cfg.packing:
         check_packing_support(model, info.device, tokenizer.pad_token_id)
@@ -166,7 +168,8 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         "packing_efficiency": round(totals["tokens"] / max(totals["padded"], 1), 4),
         "tokens": totals["tokens"], "trained_tokens": totals["trained"],
         "validation_loss": val_loss, "peak_mem_mb": round(te.peak_memory_mb(info.device), 1),
-        "world_size": info.world_size, "strategy": strategy, "lora": lora, "trainable_params": n_trainable,
+        "world_size": info.world_size, "tensor_parallel": getattr(info, "tp", 1), "strategy": strategy, "lora": lora,
+        "trainable_params": n_trainable,
         "steerable_attributes": data["steerable"], "data": data["reports"],
     }
     if info.is_main:
@@ -186,6 +189,21 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
 
 
 # ===== Pieces ====================================================================================
+def megatron_policy(cfg: DictConfig, hf_model, info, run_dir):
+    """engine=megatron: full fine-tune of padded rows (no LoRA, no packing, no gradient checkpointing yet)."""
+    from .. import checkpoint as ckpt
+    from ..engines.megatron.causal_lm import MegatronCausalLM
+
+    unsupported = {"model.lora.enabled=false": cfg.model.lora.enabled, "packing=false": cfg.packing,
+                   "model.gradient_checkpointing=false": cfg.model.gradient_checkpointing,
+                   "train.save_every=0": cfg.train.save_every > 0,
+                   "a fresh run_dir (no resume)": cfg.resume == "auto" and ckpt.find_latest_checkpoint(run_dir)}
+    needed = [k for k, bad in unsupported.items() if bad]
+    if needed:
+        raise ConfigError(f"engine=megatron SFT runs full fine-tunes of padded rows for now: set {', '.join(needed)}")
+    return MegatronCausalLM(hf_model, tp=info.tp, dtype=getattr(torch, cfg.model.dtype))
+
+
 def setup_data(cfg: DictConfig, schema, tokenizer, fmt: SFTFormat) -> dict:
     """Load (schema-checked), split by group, encode; report what was skipped."""
     specs = [OmegaConf.to_container(s, resolve=True) for s in cfg.data.train]

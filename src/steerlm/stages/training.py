@@ -21,6 +21,11 @@ from ..logging import print0
 def run_distributed(stage: Callable, cfg: DictConfig) -> dict:
     """Run `stage(cfg, info, t_start)` inside the process group (torchrun) or without one."""
     t_start = time.time()
+    if cfg.engine.get("strategy") == "megatron":
+        from ..engines.megatron.engine import distributed as megatron_distributed
+
+        with megatron_distributed(cfg.engine) as info:
+            return stage(cfg, info, t_start)
     with te.distributed(cfg.engine.device) as info:
         return stage(cfg, info, t_start)
 

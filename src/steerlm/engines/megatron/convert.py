@@ -77,6 +77,16 @@ def rope_settings(config) -> dict:
                       "scaling with factors 1/4 and 8192 original positions are)")
 
 
+def partition_dim(name: str):
+    """The dimension a GPTModel parameter is split along under tensor parallelism (None: replicated)."""
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return 1
+    if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias",
+                      "linear_fc1.weight")):
+        return 0
+    return None
+
+
 def layer_range(shape: DecoderShape, pp: int, pp_rank: int) -> range:
     per = shape.layers // pp
     return range(pp_rank * per, (pp_rank + 1) * per)
@@ -118,7 +128,7 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], s: DecoderShape, tp: int = 1,
     if last:
         out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
         # tied: the last stage holds its own copy of the embedding as the output weight (Megatron syncs their grads)
-        if not s.tied:
+        if not s.tied and "lm_head.weight" in hf:  # absent: a reward model's backbone (load_hf_state checks coverage)
             out["output_layer.weight"] = _rows(hf["lm_head.weight"], tp, tp_rank)
         elif pp > 1:
             out["output_layer.weight"] = _rows(embed, tp, tp_rank)
@@ -153,7 +163,7 @@ def megatron_to_hf(shards: Mapping[tuple[int, int], Mapping[str, torch.Tensor]],
     cat_cols = lambda p, key: torch.cat([shards[(p, t)][key] for t in range(tp)], dim=1)
     hf["model.embed_tokens.weight"] = cat_rows(0, "embedding.word_embeddings.weight")
     hf["model.norm.weight"] = shards[(pp - 1, 0)]["decoder.final_layernorm.weight"]
-    if not s.tied:
+    if not s.tied and "output_layer.weight" in shards[(pp - 1, 0)]:  # a reward model's backbone has no LM head
         hf["lm_head.weight"] = cat_rows(pp - 1, "output_layer.weight")
     for p in range(pp):
         for local, i in enumerate(layer_range(s, pp, p)):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError
-from .convert import DecoderShape, hf_to_megatron, layer_range, megatron_to_hf, rope_settings
+from .convert import DecoderShape, hf_to_megatron, layer_range, megatron_to_hf, partition_dim, rope_settings
 
 
 def _mcore():
@@ -92,6 +92,12 @@ def build_gpt(hf_config, *, tp: int = 1, pp: int = 1, sequence_parallel: bool = 
                      share_embeddings_and_output_weights=s.tied, parallel_output=True,
                      pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                      **rope_settings(hf_config))
+    # Megatron tags TP-split parameters only when it initialises them itself (perform_initialization=True); the
+    # gradient norm over shards (engine.clip_grad_norm) needs the tags, so set them from the layout
+    for name, p in model.named_parameters():
+        if not hasattr(p, "tensor_model_parallel"):
+            dim = partition_dim(name)
+            p.tensor_model_parallel, p.partition_dim, p.partition_stride = dim is not None, -1 if dim is None else dim, 1
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     model.hf_shape, model.hf_config = s, hf_config

@@ -1,0 +1,100 @@
+"""What a training stage needs from engine=megatron: process groups, the data-parallel view, gradient sync
+and clipping across tensor-parallel shards.
+
+Ranks: world = DP x PP x TP. The stages shard data by the DistInfo they get, so under Megatron that DistInfo is
+the data-parallel view (rank = DP rank, world_size = DP size): the TP ranks of one replica read the same
+samples. Files are written by global rank 0 only (`is_main`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ...errors import ConfigError
+from .. import torch_engine as te
+
+
+@dataclass
+class MegatronDistInfo(te.DistInfo):
+    global_rank: int = 0
+    tp: int = 1
+    tp_rank: int = 0
+    pp: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.global_rank == 0
+
+
+@contextlib.contextmanager
+def distributed(engine_cfg):
+    """Megatron's TP/PP/DP groups for one stage (torchrun env); torn down on exit when started here."""
+    from megatron.core import parallel_state as ps
+
+    from .model import init_parallel
+
+    tp, pp = int(engine_cfg.get("tensor_parallel", 1)), int(engine_cfg.get("pipeline_parallel", 1))
+    if pp > 1:
+        raise ConfigError("engine=megatron: the stages run pipeline_parallel=1 for now (PP is built and tested in "
+                          "steerlm.engines.megatron.model.pipeline_forward_backward; stage wiring is next)")
+    owned = not dist.is_initialized()
+    ranks = init_parallel(tp, pp)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    info = MegatronDistInfo(rank=ranks["dp_rank"], world_size=ranks["dp_size"], local_rank=local, device=device,
+                            global_rank=dist.get_rank(), tp=tp, tp_rank=ranks["tp_rank"], pp=pp)
+    te.set_data_group(ps.get_data_parallel_group())
+    try:
+        yield info
+    finally:
+        te.set_data_group(None)
+        if owned:
+            ps.destroy_model_parallel()
+            te.shutdown_distributed()
+
+
+def sync_data_parallel_grads(model: torch.nn.Module) -> None:
+    """Average gradients over the data-parallel replicas (what DDP does), one bucket per dtype."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_world_size() == 1:
+        return
+    group = ps.get_data_parallel_group()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:
+        same = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, group=group)
+        flat /= ps.get_data_parallel_world_size()
+        offset = 0
+        for g in same:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """The global gradient norm over every shard (a TP-split tensor counts on every TP rank, a replicated one once),
+    then clip; max_norm <= 0 only measures."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros((), dtype=torch.float64)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    grads = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    total = total.to(grads[0].device if grads else "cpu")
+    dist.all_reduce(total, group=ps.get_model_parallel_group())
+    norm = float(total.sqrt())
+    if max_norm > 0 and norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
