@@ -81,7 +81,8 @@ _MODULES = ["megatron.core", "megatron.core.parallel_state", "megatron.core.tens
             "megatron.core.models.common.embeddings.rotary_pos_embedding", "megatron.core.transformer.dot_product_attention",
             "megatron.core.transformer.attention", "megatron.core.transformer.transformer_block",
             "megatron.core.pipeline_parallel.schedules", "megatron.core.pipeline_parallel.p2p_communication",
-            "megatron.core.utils", "megatron.core.optimizer", "megatron.core.distributed"]
+            "megatron.core.utils", "megatron.core.optimizer", "megatron.core.distributed",
+            "megatron.core.models.common.language_module.language_module"]
 _installed = False
 
 
@@ -100,6 +101,19 @@ def install() -> None:
     for name, mod in list(sys.modules.items()):
         if name.startswith("megatron.") and getattr(mod, "torch", None) is torch:
             mod.torch = proxy
+    # PP > 1 with tied embeddings: LanguageModule moves the last stage's embedding copy with `Tensor.cuda()` before
+    # its all-reduce; a method, not a module global, so it is made a no-op for the duration of that one call only
+    lm = sys.modules["megatron.core.models.common.language_module.language_module"].LanguageModule
+    setup = lm.setup_embeddings_and_output_layer
+
+    def setup_on_cpu(self, *args, **kwargs):
+        saved, torch.Tensor.cuda = torch.Tensor.cuda, lambda t, *a, **k: t
+        try:
+            return setup(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = saved
+
+    lm.setup_embeddings_and_output_layer = setup_on_cpu
     random = sys.modules["megatron.core.tensor_parallel.random"]
     random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)

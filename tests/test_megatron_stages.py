@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import HS2_SAMPLE, PY, REPO, run_recipe, tiny_reward_overrides
+from steerlm.errors import ConfigError
 
 pytest.importorskip("megatron.core", reason="pip install -e '.[megatron]'")
 
@@ -54,20 +55,21 @@ def torch_rm(tiny_model_dir, tmp_path_factory) -> Path:
 def test_reward_stage_tp2_equals_the_torch_engine(tiny_model_dir, torch_rm, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    run_megatron("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "tp2", DATA), "engine.tensor_parallel=2",
-                 "engine.precision=fp32")
-    ref, tp2 = curve(torch_rm), curve(tmp_path / "tp2")
-    assert len(ref) == len(tp2) == 4
-    for (l1, g1), (l2, g2) in zip(ref, tp2):  # the norm sums every TP shard once and replicated weights once
-        assert l2 == pytest.approx(l1, rel=1e-5) and g2 == pytest.approx(g1, rel=1e-4)
-    # the Megatron-trained RM is a plain transformers checkpoint with the torch-trained weights
-    same_weights(torch_rm / "model", tmp_path / "tp2" / "model", AutoModelForSequenceClassification.from_pretrained,
-                 atol=1e-3)
+    for name, split in (("tp2", "engine.tensor_parallel=2"), ("pp2", "engine.pipeline_parallel=2")):
+        run_megatron("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / name, DATA), split)
+        ref, got = curve(torch_rm), curve(tmp_path / name)
+        assert len(ref) == len(got) == 4
+        for (l1, g1), (l2, g2) in zip(ref, got):  # the norm sums every shard once and replicated weights once
+            assert l2 == pytest.approx(l1, rel=1e-5) and g2 == pytest.approx(g1, rel=1e-4), name
+        # the Megatron-trained RM is a plain transformers checkpoint with the torch-trained weights (PP: the head
+        # comes from the last stage)
+        same_weights(torch_rm / "model", tmp_path / name / "model", AutoModelForSequenceClassification.from_pretrained,
+                     atol=1e-3)
+        a, b = (json.loads((d / "eval_metrics.json").read_text()) for d in (torch_rm, tmp_path / name))
+        for attr, m in a["attributes"].items():
+            assert b["attributes"][attr]["mse"] == pytest.approx(m["mse"], rel=1e-3), name
     summary = json.loads((tmp_path / "tp2" / "summary.json").read_text())
     assert summary["strategy"] == "megatron" and summary["tensor_parallel"] == 2
-    a, b = (json.loads((d / "eval_metrics.json").read_text()) for d in (torch_rm, tmp_path / "tp2"))
-    for attr, m in a["attributes"].items():
-        assert b["attributes"][attr]["mse"] == pytest.approx(m["mse"], rel=1e-3)
 
 
 def test_scaled_bt_from_the_stage1_rm_tp2_equals_the_torch_engine(tiny_model_dir, torch_rm, tmp_path):
@@ -77,13 +79,16 @@ def test_scaled_bt_from_the_stage1_rm_tp2_equals_the_torch_engine(tiny_model_dir
           "optim.lr=1e-3"]
     run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "torch"), *bt)
     run_megatron("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "tp2"), *bt, "engine.tensor_parallel=2")
-    ref, tp2 = curve(tmp_path / "torch"), curve(tmp_path / "tp2")
-    assert len(ref) == len(tp2) == 4
-    for (l1, g1), (l2, g2) in zip(ref, tp2):
-        assert l2 == pytest.approx(l1, rel=1e-5) and g2 == pytest.approx(g1, rel=1e-4)
+    run_megatron("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "pp2"), *bt, "engine.pipeline_parallel=2")
+    ref = curve(tmp_path / "torch")
+    for name in ("tp2", "pp2"):  # PP: a pair's chosen and rejected rows travel in one micro-batch
+        got = curve(tmp_path / name)
+        assert len(ref) == len(got) == 4
+        for (l1, g1), (l2, g2) in zip(ref, got):
+            assert l2 == pytest.approx(l1, rel=1e-5) and g2 == pytest.approx(g1, rel=1e-4), name
     acc = [json.loads((tmp_path / d / "eval_metrics.json").read_text())["pairwise_accuracy"]["preference_pairs"]
-           for d in ("torch", "tp2")]
-    assert acc[0] == acc[1] and acc[0]["pairs"] >= 5
+           for d in ("torch", "tp2", "pp2")]
+    assert acc[0] == acc[1] == acc[2] and acc[0]["pairs"] >= 5
 
 
 def test_label_stage_tp2_scores_like_the_torch_engine(torch_rm, tmp_path):
@@ -93,15 +98,17 @@ def test_label_stage_tp2_scores_like_the_torch_engine(torch_rm, tmp_path):
     common = [f"rm={torch_rm / 'model'}", inputs, "chunk_size=16", "max_length=256", "engine.precision=fp32"]
     run_recipe("label", *common, f"output_dir={tmp_path / 'torch'}")
     run_megatron("label", *common, f"output_dir={tmp_path / 'tp2'}", "engine.tensor_parallel=2")
+    run_megatron("label", *common, f"output_dir={tmp_path / 'pp2'}", "engine.pipeline_parallel=2")
     rows = {name: [json.loads(x) for x in (tmp_path / name / "labeled.jsonl").read_text().splitlines()]
-            for name in ("torch", "tp2")}
-    assert [r["id"] for r in rows["torch"]] == [r["id"] for r in rows["tp2"]] and len(rows["torch"]) > 100
-    diffs = [abs(a - b) for r1, r2 in zip(rows["torch"], rows["tp2"]) for t1, t2 in zip(r1["turns"], r2["turns"])
-             if t1.get("scores") is not None for a, b in zip(t1["scores"].values(), t2["scores"].values())]
-    assert diffs and max(diffs) < 1e-4, max(diffs)
-    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("torch", "tp2"))
-    for key in ("rows", "turns_scored", "skipped", "tokens", "chunks"):
-        assert s1[key] == s2[key], key
+            for name in ("torch", "tp2", "pp2")}
+    for name in ("tp2", "pp2"):
+        assert [r["id"] for r in rows["torch"]] == [r["id"] for r in rows[name]] and len(rows["torch"]) > 100
+        diffs = [abs(a - b) for r1, r2 in zip(rows["torch"], rows[name]) for t1, t2 in zip(r1["turns"], r2["turns"])
+                 if t1.get("scores") is not None for a, b in zip(t1["scores"].values(), t2["scores"].values())]
+        assert diffs and max(diffs) < 1e-4, (name, max(diffs))
+        s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("torch", name))
+        for key in ("rows", "turns_scored", "skipped", "tokens", "chunks"):
+            assert s1[key] == s2[key], (name, key)
 
 
 SFT = ["engine.precision=fp32", f"data.train=[{{format: helpsteer2, path: {HS2_SAMPLE}}}]", "max_length=2048",
@@ -109,15 +116,16 @@ SFT = ["engine.precision=fp32", f"data.train=[{{format: helpsteer2, path: {HS2_S
        "train.save_every=0", "optim.lr=1e-3"]
 
 
-def test_sft_stage_tp2_and_dp2_equal_the_torch_engine(tiny_model_dir, tmp_path):
+def sft_matches_torch(model_dir: Path, tmp_path: Path, splits: dict[str, list[str]]) -> None:
+    """Train the torch engine and each Megatron split; equal loss and grad-norm curves, equal exported weights."""
     from transformers import AutoModelForCausalLM
 
-    base = [f"model.path={tiny_model_dir}", *SFT]
+    base = [f"model.path={model_dir}", *SFT]
     run_recipe("train_sft", *base, f"run_dir={tmp_path / 'torch'}")
-    run_megatron("train_sft", *base, f"run_dir={tmp_path / 'tp2'}", "engine.tensor_parallel=2")
-    run_megatron("train_sft", *base, f"run_dir={tmp_path / 'dp2'}", "engine.tensor_parallel=1")  # 2 replicas
+    for name, split in splits.items():
+        run_megatron("train_sft", *base, f"run_dir={tmp_path / name}", *split)
     ref = curve(tmp_path / "torch")
-    for name in ("tp2", "dp2"):
+    for name in splits:
         got = curve(tmp_path / name)
         assert len(got) == len(ref) == 3
         for (l1, g1), (l2, g2) in zip(ref, got):
@@ -126,8 +134,37 @@ def test_sft_stage_tp2_and_dp2_equal_the_torch_engine(tiny_model_dir, tmp_path):
                      atol=1e-3)
         card = json.loads((tmp_path / name / "model" / "steerlm_sft.json").read_text())
         assert card["lora"] is False and card["steerable_attributes"]
+        val = [json.loads((tmp_path / d / "summary.json").read_text())["validation_loss"] for d in ("torch", name)]
+        assert val[1] == pytest.approx(val[0], rel=1e-5), name
+
+
+def test_sft_stage_tp2_dp2_and_pp2_equal_the_torch_engine(tiny_model_dir, tmp_path):
+    sft_matches_torch(tiny_model_dir, tmp_path, {"tp2": ["engine.tensor_parallel=2"],
+                                                 "dp2": ["engine.tensor_parallel=1"],  # 2 replicas
+                                                 "pp2": ["engine.pipeline_parallel=2"]})  # 1F1B, 2 stages
     dp2 = json.loads((tmp_path / "dp2" / "summary.json").read_text())
     assert dp2["world_size"] == 2 and dp2["tensor_parallel"] == 1  # world_size: data-parallel replicas
+
+
+def test_sft_pp2_keeps_tied_embeddings_tied(tiny_model_dir, tmp_path):
+    """Tied input/output embeddings split over 2 stages: the last stage's copy gets the summed gradient."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from steerlm.engines.megatron.convert import DecoderShape, hf_to_megatron
+
+    tied = tmp_path / "tied_model"
+    shutil.copytree(tiny_model_dir, tied)  # tokenizer and all
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    hf = model.state_dict()
+    model.config.tie_word_embeddings = True
+    # a config that says tied over a checkpoint whose lm_head differs: transformers keeps them apart, so do we
+    with pytest.raises(ConfigError, match="set tie_word_embeddings=false"):
+        hf_to_megatron(hf, DecoderShape.from_hf(model.config))
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tied)
+    sft_matches_torch(tied, tmp_path, {"pp2": ["engine.pipeline_parallel=2"]})
 
 
 def test_megatron_refuses_what_it_does_not_run_yet(tiny_model_dir, tmp_path):
@@ -135,6 +172,6 @@ def test_megatron_refuses_what_it_does_not_run_yet(tiny_model_dir, tmp_path):
                         check=False)
     assert proc.returncode == 2 and "engine=megatron SFT runs full fine-tunes of padded rows for now: set" in proc.stderr
     assert "model.lora.enabled=false" in proc.stderr and "train.save_every=0" in proc.stderr
-    proc = run_megatron("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "pp"),
-                        "engine.pipeline_parallel=2", procs=1, check=False)
-    assert proc.returncode == 2 and "pipeline_parallel=1 for now" in proc.stderr
+    proc = run_megatron("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "pp"), "model.freeze_backbone=true",
+                        "engine.pipeline_parallel=2", check=False)
+    assert proc.returncode != 0 and "model.freeze_backbone caches one process's features" in proc.stderr

@@ -114,8 +114,9 @@ def _run(cfg: DictConfig, info: te.DistInfo) -> dict:
     te.barrier()
     scorer = RewardScorer(cfg.rm, device=str(info.device), precision=cfg.engine.precision,
                           batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, over_length=cfg.over_length,
-                          tensor_parallel=getattr(info, "tp", None))
-    writer = getattr(info, "tp_rank", 0) == 0  # under Megatron the TP ranks of a replica score the same chunks
+                          tensor_parallel=getattr(info, "tp", None), pipeline_parallel=getattr(info, "pp", 1))
+    # under Megatron the TP and PP ranks of a replica score the same chunks together: one of them writes
+    writer = getattr(info, "tp_rank", 0) == 0 and getattr(info, "pp_rank", 0) == 0
     specs = [OmegaConf.to_container(s, resolve=True) for s in cfg.input]
     require_input_schemas(specs, scorer.schema, other_what=f"RM {cfg.rm}")  # a labeled input carries its schema
     conversations, load_stats = load_mixture(specs, scorer.schema)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
 from ..attributes import get_schema, weights_vector
-from ..data.batching import global_batches, micro_batches, rank_slice
+from ..data.batching import global_batches, micro_batches, pad_token_batch, rank_slice
 from ..data.sources import load_mixture, load_preference_pairs
 from ..data.split import split_by_group
 from ..engines import torch_engine as te
@@ -77,10 +77,13 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     if strategy == "megatron":  # TP-sharded backbone, same head and export (engines/megatron/reward_model.py)
         from ..engines.megatron.reward_model import MegatronRewardModel
 
+        if info.pp > 1 and cfg.model.freeze_backbone:
+            raise ConfigError("model.freeze_backbone caches one process's features: use engine.pipeline_parallel=1")
+
         if cfg.train.save_every > 0 or (cfg.resume == "auto" and ckpt.find_latest_checkpoint(run_dir)):
             raise ConfigError("engine=megatron does not write or resume training checkpoints yet: set "
                               "train.save_every=0 (and use a fresh run_dir)")
-        rm = MegatronRewardModel(rm, tp=info.tp, dtype=getattr(torch, cfg.model.dtype))
+        rm = MegatronRewardModel(rm, tp=info.tp, pp=info.pp, dtype=getattr(torch, cfg.model.dtype))
     if cfg.model.freeze_backbone:
         rm.freeze_backbone()
     logger = MetricLogger(run_dir, is_main=info.is_main, wandb_cfg=cfg.logging.wandb,
@@ -123,7 +126,17 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
             chunks = micro_batches(local, mbs)
             loss_sum, tokens = 0.0, 0
             model.train()
-            for j in range(n_micro):
+            if getattr(model, "pipelined", False):  # Megatron PP: the schedule runs all of the step's micro-batches
+                idx = [chunks[j] if j < len(chunks) else [gb[0]] for j in range(n_micro)]
+                weights = [1.0 if j < len(chunks) else 0.0 for j in range(n_micro)]
+                with te.autocast(info.device, amp_dtype):
+                    sums, toks = pipelined_losses(model, [[train_items[i] for i in c] for c in idx],
+                                                  [w * world / len(gb) for w in weights], cfg, pair_w,
+                                                  tokenizer.pad_token_id, info.device)
+                model.finish_grads()
+                loss_sum = sum(v * w for v, w in zip(sums, weights))
+                tokens = sum(t for t, w in zip(toks, weights) if w)
+            for j in range(0 if getattr(model, "pipelined", False) else n_micro):
                 # every rank runs the same number of micro-batches (collectives must match);
                 # a rank whose share ran out repeats a sample with weight 0
                 idx, weight = (chunks[j], 1.0) if j < len(chunks) else ([gb[0]], 0.0)
@@ -227,16 +240,46 @@ def pair_weights(cfg: DictConfig, schema) -> list[float]:
     return weights_vector(schema, {"helpfulness": 1.0} if w is None else OmegaConf.to_container(w))
 
 
+def input_keys(items: list[dict]) -> tuple[str, ...]:
+    """The token-id fields an item is scored on: one rated turn, or a preference pair's two responses."""
+    return ("input_ids",) if "input_ids" in items[0] else ("chosen_ids", "rejected_ids")
+
+
+def losses_from_preds(preds: list[torch.Tensor], items: list[dict], cfg: DictConfig, pair_w: torch.Tensor,
+                      missing: float) -> torch.Tensor:
+    """Per-item losses (B,) from the (B, K) predictions for each of `input_keys(items)`."""
+    if len(preds) == 1:
+        labels = torch.tensor([x["labels"] for x in items], dtype=torch.float32, device=preds[0].device)
+        return masked_mse(preds[0], labels, labels != missing)
+    strength = torch.tensor([x["strength"] for x in items], device=preds[0].device)
+    return bradley_terry(scalarize(preds[0], pair_w), scalarize(preds[1], pair_w), strength, cfg.loss.type)
+
+
 def item_losses(forward: "RewardForward", items: list[dict], cfg: DictConfig, pair_w: torch.Tensor):
     """Per-item losses (B,) for a micro-batch, and its non-pad token count."""
-    if "input_ids" in items[0]:
-        pred, n_tok = forward(items, "input_ids")  # (B, K)
-        labels = torch.tensor([x["labels"] for x in items], dtype=torch.float32, device=pred.device)
-        return masked_mse(pred, labels, labels != forward.rm.schema.missing), n_tok
-    pred_c, n_c = forward(items, "chosen_ids")
-    pred_r, n_r = forward(items, "rejected_ids")
-    strength = torch.tensor([x["strength"] for x in items], device=pred_c.device)
-    return bradley_terry(scalarize(pred_c, pair_w), scalarize(pred_r, pair_w), strength, cfg.loss.type), n_c + n_r
+    outs = [forward(items, key) for key in input_keys(items)]
+    return losses_from_preds([p for p, _ in outs], items, cfg, pair_w, forward.rm.schema.missing), sum(n for _, n in outs)
+
+
+def pipelined_losses(model, chunks: list[list[dict]], scales: list[float], cfg: DictConfig, pair_w, pad_id: int,
+                     device) -> tuple[list[float], list[int]]:
+    """Megatron PP: a step's micro-batches through the 1F1B schedule. A pair's chosen and rejected rows share one
+    micro-batch (chosen first). -> (each micro-batch's summed item loss, its non-pad tokens)."""
+    micro, tokens = [], []
+    for items, scale in zip(chunks, scales):
+        keys = input_keys(items)
+        ids, mask = pad_token_batch([x[k] for k in keys for x in items], pad_id)
+        micro.append({"input_ids": ids.to(device), "attention_mask": mask.to(device), "items": items, "scale": scale})
+        tokens.append(int(mask.sum()))
+
+    def loss_of(pred, mb):
+        n = len(mb["items"])
+        per_item = losses_from_preds([pred[k * n:(k + 1) * n] for k in range(pred.shape[0] // n)], mb["items"], cfg,
+                                     pair_w, model.schema.missing)
+        return per_item.sum() * mb["scale"]
+
+    sums = model.pipeline_losses(micro, loss_of)
+    return [v / s if s else 0.0 for v, s in zip(sums, scales)], tokens
 
 
 @torch.no_grad()

@@ -118,16 +118,24 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                                 micro_batch_size=cfg.train.micro_batch_size)[info.rank]
             model.train()
             nll_sum, tokens, padded = 0.0, 0, 0
-            for j, rows in enumerate(plan):
-                weight = 1.0 if rows else 0.0  # an empty micro-batch: a weight-0 repeat keeps collectives in step
-                batch = make_batch(rows or [[gb[0]]], enc, cfg.packing, pad_id, info.device)
-                with te.grad_sync_context(model, strategy, sync=j == len(plan) - 1):
-                    with te.autocast(info.device, amp_dtype):
-                        nll, _ = next_token_nll(model, batch)
-                    (nll * (weight * world / n_targets)).backward()
-                nll_sum += float(nll.detach()) * weight
-                tokens += int(batch["n_tokens"]) if weight else 0
-                padded += batch["input_ids"].numel() if weight else 0
+            weights = [1.0 if rows else 0.0 for rows in plan]  # empty micro-batch: a weight-0 repeat keeps collectives in step
+            micro = [make_batch(rows or [[gb[0]]], enc, cfg.packing, pad_id, info.device) for rows in plan]
+            if getattr(model, "pipelined", False):  # Megatron PP: the 1F1B schedule runs the step's micro-batches
+                with te.autocast(info.device, amp_dtype):
+                    nlls = model.pipeline_nll(micro, [w * world / n_targets for w in weights])
+                model.finish_grads()
+            else:
+                nlls = []
+                for j, batch in enumerate(micro):
+                    with te.grad_sync_context(model, strategy, sync=j == len(plan) - 1):
+                        with te.autocast(info.device, amp_dtype):
+                            nll, _ = next_token_nll(model, batch)
+                        (nll * (weights[j] * world / n_targets)).backward()
+                    nlls.append(float(nll.detach()))
+            for w, batch, nll in zip(weights, micro, nlls):
+                nll_sum += nll * w
+                tokens += int(batch["n_tokens"]) if w else 0
+                padded += batch["input_ids"].numel() if w else 0
             grad_norm = te.clip_grad_norm(model, cfg.optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -201,7 +209,7 @@ def megatron_policy(cfg: DictConfig, hf_model, info, run_dir):
     needed = [k for k, bad in unsupported.items() if bad]
     if needed:
         raise ConfigError(f"engine=megatron SFT runs full fine-tunes of padded rows for now: set {', '.join(needed)}")
-    return MegatronCausalLM(hf_model, tp=info.tp, dtype=getattr(torch, cfg.model.dtype))
+    return MegatronCausalLM(hf_model, tp=info.tp, pp=info.pp, dtype=getattr(torch, cfg.model.dtype))
 
 
 def setup_data(cfg: DictConfig, schema, tokenizer, fmt: SFTFormat) -> dict:
@@ -270,7 +278,10 @@ def evaluate_loss(model, val: list, cfg: DictConfig, info: te.DistInfo, pad_id: 
     for rows in plan:
         batch = make_batch(rows or [[order[0]]], enc, cfg.packing, pad_id, info.device)
         with te.autocast(info.device, amp_dtype):
-            nll, n = next_token_nll(model, batch)
+            if getattr(model, "pipelined", False):
+                nll, n = model.pipeline_nll([batch], [0.0], forward_only=True)[0], int(batch["loss_mask"][:, 1:].sum())
+            else:
+                nll, n = next_token_nll(model, batch)
         if rows:
             nll_sum, n_sum = nll_sum + float(nll), n_sum + n
     te.reshard(model)

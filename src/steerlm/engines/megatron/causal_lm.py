@@ -6,37 +6,68 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import build_gpt, gather_hf_state, load_hf_state, token_nll
+from .model import MegatronWrapper, build_gpt, gather_hf_state, load_hf_state, pipeline_forward_backward, token_nll
 
 
-class MegatronCausalLM(nn.Module):
-    is_megatron = True
-
-    def __init__(self, hf_model: nn.Module, *, tp: int, dtype: torch.dtype = torch.float32):
+class MegatronCausalLM(MegatronWrapper):
+    def __init__(self, hf_model: nn.Module, *, tp: int, pp: int = 1, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.gpt = build_gpt(hf_model.config, tp=tp, dtype=dtype)
+        self.pipelined = pp > 1
+        self.gpt = build_gpt(hf_model.config, tp=tp, pp=pp, dtype=dtype)
         load_hf_state(self.gpt, hf_model.state_dict())
-        self._skeleton = (hf_model.to("meta"),)  # config and class for save_pretrained; outside the module tree
+        self.keep_skeleton(hf_model)
 
-    @property
-    def hf_model(self):
-        return self._skeleton[0]
+    @staticmethod
+    def _targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels, keep): target t+1 is predicted at position t, trained where `loss_mask[t+1]`."""
+        ids, m = batch["input_ids"], batch["loss_mask"].bool()
+        if "attention_mask" in batch and bool((batch["attention_mask"][:, 0] == 0).any()):
+            raise ValueError("engine=megatron reads right-padded batches (a row starts with padding)")
+        labels, keep = torch.zeros_like(ids), torch.zeros_like(m)
+        labels[:, :-1], keep[:, :-1] = ids[:, 1:], m[:, 1:]
+        return labels, keep
 
-    @property
-    def config(self):
-        return self.hf_model.config
+    def pipeline_nll(self, batches: list[dict], scales: list[float], forward_only: bool = False) -> list[float]:
+        """PP > 1: one step's micro-batches through Megatron's 1F1B schedule. Micro-batch k contributes
+        scale_k · Σ_t nll_t to the backward; -> every micro-batch's Σ_t nll_t over its targets, on every rank.
+
+        The schedule sends fixed-shape activations between stages, so the micro-batches are right-padded to one
+        (rows, length); the padding is out of the loss. Gradients stay local: call `finish_grads` after."""
+        from megatron.core import parallel_state as ps
+
+        rows = max(b["input_ids"].shape[0] for b in batches)
+        length = max(b["input_ids"].shape[1] for b in batches)
+        mbs = []
+        for b, scale in zip(batches, scales):
+            labels, keep = self._targets(b)
+            pad = lambda t: torch.nn.functional.pad(t, (0, length - t.shape[1], 0, rows - t.shape[0]))
+            mbs.append({"input_ids": pad(b["input_ids"]), "labels": pad(labels), "keep": pad(keep).float(),
+                        "scale": scale})
+
+        def loss_fn(nll, mb):
+            total = (nll.float() * mb["keep"]).sum()
+            return total * mb["scale"], mb["keep"].sum().int(), {"nll": total.detach()}
+
+        logs = pipeline_forward_backward(self.gpt, mbs, loss_fn, forward_only=forward_only)
+        device = batches[0]["input_ids"].device
+        sums = torch.tensor([float(x["nll"]) for x in logs] if logs else [0.0] * len(mbs), dtype=torch.float64,
+                            device=device)
+        torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())  # the last stage has them
+        return sums.tolist()
+
+    def finish_grads(self) -> None:
+        """After a pipelined backward: tied embedding grads summed across the first and last stage, then the
+        data-parallel average (what DDP's hooks do on the PP=1 path)."""
+        from .engine import sync_data_parallel_grads, sync_tied_embedding_grads
+
+        sync_tied_embedding_grads(self.gpt)
+        sync_data_parallel_grads(self)
 
     def next_token_nll(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Σ_t −log p(x_{t+1} | x_≤t) over the trained targets (`loss_mask`), and their count: the same contract
         as `steerlm.losses.next_token_nll`. Rows are right-padded; attention is causal only."""
-        ids, m = batch["input_ids"], batch["loss_mask"].bool()
-        if "attention_mask" in batch and bool((batch["attention_mask"][:, 0] == 0).any()):
-            raise ValueError("engine=megatron reads right-padded batches (a row starts with padding)")
-        labels = torch.zeros_like(ids)
-        labels[:, :-1] = ids[:, 1:]
-        keep = torch.zeros_like(m)
-        keep[:, :-1] = m[:, 1:]  # target t+1 is predicted at position t
-        nll = token_nll(self.gpt, ids, labels).float()  # (B, S)
+        labels, keep = self._targets(batch)
+        nll = token_nll(self.gpt, batch["input_ids"], labels).float()  # (B, S)
         return (nll * keep).sum(), int(keep.sum())
 
     def full_state(self) -> dict[str, torch.Tensor]:

@@ -123,6 +123,10 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], s: DecoderShape, tp: int = 1,
     out: dict[str, torch.Tensor] = {}
     first, last = pp_rank == 0, pp_rank == pp - 1
     embed = hf["model.embed_tokens.weight"]
+    if s.tied and "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], embed):
+        # transformers then keeps the two apart (it warns and does not tie): converting as tied would change the model
+        raise ConfigError("the config ties the input and output embeddings but the checkpoint's lm_head differs from "
+                          "embed_tokens (transformers leaves them untied): set tie_word_embeddings=false in config.json")
     if first:
         out["embedding.word_embeddings.weight"] = _rows(embed, tp, tp_rank)
     if last:

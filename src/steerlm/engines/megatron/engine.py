@@ -25,6 +25,7 @@ class MegatronDistInfo(te.DistInfo):
     tp: int = 1
     tp_rank: int = 0
     pp: int = 1
+    pp_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -39,15 +40,13 @@ def distributed(engine_cfg):
     from .model import init_parallel
 
     tp, pp = int(engine_cfg.get("tensor_parallel", 1)), int(engine_cfg.get("pipeline_parallel", 1))
-    if pp > 1:
-        raise ConfigError("engine=megatron: the stages run pipeline_parallel=1 for now (PP is built and tested in "
-                          "steerlm.engines.megatron.model.pipeline_forward_backward; stage wiring is next)")
     owned = not dist.is_initialized()
     ranks = init_parallel(tp, pp)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     info = MegatronDistInfo(rank=ranks["dp_rank"], world_size=ranks["dp_size"], local_rank=local, device=device,
-                            global_rank=dist.get_rank(), tp=tp, tp_rank=ranks["tp_rank"], pp=pp)
+                            global_rank=dist.get_rank(), tp=tp, tp_rank=ranks["tp_rank"], pp=pp,
+                            pp_rank=ranks["pp_rank"])
     te.set_data_group(ps.get_data_parallel_group())
     try:
         yield info
@@ -77,6 +76,20 @@ def sync_data_parallel_grads(model: torch.nn.Module) -> None:
             offset += g.numel()
 
 
+def sync_tied_embedding_grads(gpt) -> None:
+    """PP > 1 with tied embeddings: the first stage's embedding and the last stage's output layer are one HF
+    weight held twice; summing their gradients keeps the copies equal (Megatron's finalize_model_grads does this)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1 or not gpt.share_embeddings_and_output_weights:
+        return
+    if ps.is_rank_in_embedding_group():
+        weight = gpt.shared_embedding_or_output_weight()
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        dist.all_reduce(weight.grad, group=ps.get_embedding_group())
+
+
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     """The global gradient norm over every shard (a TP-split tensor counts on every TP rank, a replicated one once),
     then clip; max_norm <= 0 only measures."""
@@ -84,11 +97,18 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
 
     total = torch.zeros((), dtype=torch.float64)
     tp_rank = ps.get_tensor_model_parallel_rank()
+    gpt = getattr(model, "gpt", None)
+    twin = None  # PP > 1, tied: the last stage's output layer repeats the first stage's embedding; count it once
+    if gpt is not None and gpt.share_embeddings_and_output_weights and ps.get_pipeline_model_parallel_world_size() > 1 \
+            and gpt.post_process and not gpt.pre_process:
+        twin = gpt.output_layer.weight
     grads = []
     for p in model.parameters():
         if p.grad is None:
             continue
         grads.append(p.grad)
+        if p is twin:
+            continue
         if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
             total += p.grad.detach().double().pow(2).sum().cpu()
     total = total.to(grads[0].device if grads else "cpu")

@@ -171,6 +171,24 @@ def export_hf(model, out_dir, *, tokenizer=None, schema=None, extra_json=None, d
     return save_hf_model(hf_model, state, out_dir, tokenizer=tokenizer, schema=schema, extra_json=extra_json)
 
 
+class MegatronWrapper(torch.nn.Module):
+    """Base of the stage models: `is_megatron` routes the torch engine's helpers here, and the source HF model is
+    kept as a weightless skeleton (config and class for save_pretrained at export), held outside the module tree
+    so .to(device) and .parameters() never see it."""
+    is_megatron = True
+
+    def keep_skeleton(self, hf_model) -> None:
+        self._skeleton = (hf_model.to("meta"),)
+
+    @property
+    def hf_model(self):
+        return self._skeleton[0]
+
+    @property
+    def config(self):
+        return self.hf_model.config
+
+
 def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
 
@@ -231,5 +249,5 @@ def pipeline_forward_backward(model, microbatches: list[dict], loss_fn, *, forwa
                                        forward_only=forward_only)
 
 
-__all__ = ["pipeline_forward_backward", "export_hf", "init_parallel", "transformer_config", "build_gpt", "load_hf_state", "gather_hf_state", "local_state",
+__all__ = ["MegatronWrapper", "pipeline_forward_backward", "export_hf", "init_parallel", "transformer_config", "build_gpt", "load_hf_state", "gather_hf_state", "local_state",
            "forward_logits", "token_nll", "as_hidden_state_model", "layer_range"]

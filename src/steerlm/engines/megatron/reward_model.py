@@ -12,34 +12,25 @@ import torch
 from torch import nn
 
 from ...models.reward_model import AttributeRewardModel, last_token_index
-from .model import as_hidden_state_model, build_gpt, gather_hf_state, load_hf_state
+from .model import (MegatronWrapper, as_hidden_state_model, build_gpt, gather_hf_state, load_hf_state,
+                    pipeline_forward_backward)
 
 
-class MegatronRewardModel(nn.Module):
-    is_megatron = True
-
-    def __init__(self, rm: AttributeRewardModel, *, tp: int, dtype: torch.dtype = torch.float32):
+class MegatronRewardModel(MegatronWrapper):
+    """PP > 1: the backbone's layers are split over the stages and only the last stage's head is used (every stage
+    holds a copy so the module tree is the same everywhere); `forward` and `pipeline_losses` run Megatron's schedule."""
+    def __init__(self, rm: AttributeRewardModel, *, tp: int, pp: int = 1, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.schema, self.head_name = rm.schema, rm.head_name
+        self.schema, self.head_name, self.pipelined = rm.schema, rm.head_name, pp > 1
         hf_state = {k: v for k, v in rm.hf_model.state_dict().items() if k.startswith("model.")}
         if len(hf_state) == 0:
             raise ValueError(f"{type(rm.hf_model).__name__}: expected the backbone under 'model.'")
-        self.gpt = as_hidden_state_model(build_gpt(rm.hf_model.config, tp=tp, dtype=dtype))
+        self.gpt = as_hidden_state_model(build_gpt(rm.hf_model.config, tp=tp, pp=pp, dtype=dtype))
         load_hf_state(self.gpt, hf_state)
         self.head = nn.Linear(rm.head.in_features, rm.head.out_features, bias=rm.head.bias is not None)
         self.head.load_state_dict(rm.head.state_dict())
         self.head.float()
-        # the HF model stays as a weightless skeleton (config and class for save_pretrained at export), held
-        # outside the module tree so .to(device) and .parameters() never see it
-        self._skeleton = (rm.hf_model.to("meta"),)
-
-    @property
-    def hf_model(self):
-        return self._skeleton[0]
-
-    @property
-    def config(self):
-        return self.hf_model.config
+        self.keep_skeleton(rm.hf_model)
 
     def pooled_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) right-padded -> (B, H) fp32 final hidden state at the last real token. Attention is causal only,
@@ -56,7 +47,52 @@ class MegatronRewardModel(nn.Module):
             return self.head(pooled.float())
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pipelined:  # predictions only (evaluation, labeling): no gradient flows through the schedule
+            preds = []
+            self.pipeline_losses([{"input_ids": input_ids, "attention_mask": attention_mask}],
+                                 lambda pred, mb: (preds.append(pred.detach()), pred.sum() * 0)[1], forward_only=True)
+            return self._from_last_stage(preds[0] if preds else None, (input_ids.shape[0], self.head.out_features))
         return self.score_pooled(self.pooled_hidden(input_ids, attention_mask))
+
+    def pipeline_losses(self, micro: list[dict], loss_of, forward_only: bool = False) -> list[float]:
+        """PP > 1: micro-batches (dicts with right-padded `input_ids`, `attention_mask` and whatever `loss_of` reads)
+        through Megatron's 1F1B schedule. On the last stage, `loss_of(pred (B, K), mb)` -> the micro-batch's loss
+        (what its backward should see). -> every micro-batch's loss value, on every rank of the pipeline.
+        Activations travel between stages at one fixed shape: rows and length are padded (mask 0) to the largest."""
+        from megatron.core import parallel_state as ps
+
+        rows = max(mb["input_ids"].shape[0] for mb in micro)
+        length = max(mb["input_ids"].shape[1] for mb in micro)
+        pad = lambda t: torch.nn.functional.pad(t, (0, length - t.shape[1], 0, rows - t.shape[0]))
+        padded = [{**mb, "input_ids": pad(mb["input_ids"]), "attention_mask": pad(mb["attention_mask"]),
+                   "n": mb["input_ids"].shape[0]} for mb in micro]
+
+        def loss_fn(hidden, mb):
+            idx = last_token_index(mb["attention_mask"][:mb["n"]])
+            pooled = hidden[torch.arange(mb["n"], device=hidden.device), idx].float()
+            loss = loss_of(self.score_pooled(pooled), mb)
+            return loss, torch.tensor(1, dtype=torch.int), {"loss": loss.detach()}
+
+        logs = pipeline_forward_backward(self.gpt, padded, loss_fn, forward_only=forward_only)
+        values = torch.tensor([float(x["loss"]) for x in logs] if logs else [0.0] * len(micro), dtype=torch.float64,
+                              device=micro[0]["input_ids"].device)
+        torch.distributed.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
+        return values.tolist()
+
+    def _from_last_stage(self, tensor, shape) -> torch.Tensor:
+        """The last pipeline stage's tensor, on every stage."""
+        from megatron.core import parallel_state as ps
+
+        if tensor is None:
+            tensor = torch.zeros(shape, dtype=torch.float32, device=self.head.weight.device)
+        torch.distributed.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(),
+                                    group=ps.get_pipeline_model_parallel_group())
+        return tensor
+
+    def finish_grads(self) -> None:
+        from .engine import sync_data_parallel_grads
+
+        sync_data_parallel_grads(self)
 
     def freeze_backbone(self) -> None:
         for p in self.gpt.parameters():
@@ -64,8 +100,11 @@ class MegatronRewardModel(nn.Module):
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """The HF state dict with AttributeRewardModel's key names (`hf_model.…`) on global rank 0, {} elsewhere."""
+        head = {f"{self.head_name}.{k}": v.detach() for k, v in self.head.state_dict().items()}
+        if self.pipelined:  # the trained head is the last stage's
+            head = {k: self._from_last_stage(v.float().contiguous().clone(), v.shape) for k, v in head.items()}
         backbone = gather_hf_state(self.gpt)
         if backbone is None:
             return {}
-        head = {f"{self.head_name}.{k}": v.detach().cpu() for k, v in self.head.state_dict().items()}
+        head = {k: v.cpu() for k, v in head.items()}
         return {f"hf_model.{k}": v for k, v in {**backbone, **head}.items()}
