@@ -168,10 +168,30 @@ def test_sft_pp2_keeps_tied_embeddings_tied(tiny_model_dir, tmp_path):
 
 
 def test_megatron_refuses_what_it_does_not_run_yet(tiny_model_dir, tmp_path):
-    proc = run_megatron("train_sft", f"model.path={tiny_model_dir}", f"run_dir={tmp_path}", *SFT[:-5], procs=1,
-                        check=False)
+    proc = run_megatron("train_sft", f"model.path={tiny_model_dir}", f"run_dir={tmp_path}", *SFT[:4], "packing=true",
+                        procs=1, check=False)  # LoRA (the default) and packed rows
     assert proc.returncode == 2 and "engine=megatron SFT runs full fine-tunes of padded rows for now: set" in proc.stderr
-    assert "model.lora.enabled=false" in proc.stderr and "train.save_every=0" in proc.stderr
+    assert "model.lora.enabled=false" in proc.stderr and "packing=false" in proc.stderr
     proc = run_megatron("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "pp"), "model.freeze_backbone=true",
                         "engine.pipeline_parallel=2", check=False)
     assert proc.returncode != 0 and "model.freeze_backbone caches one process's features" in proc.stderr
+
+
+def test_checkpoints_resume_at_another_tp_pp_split(tiny_model_dir, tmp_path):
+    """Checkpoints hold HF-named weights and AdamW moments: a run saved at TP 2 resumes at PP 2 (SFT) and one saved
+    at PP 2 resumes at TP 2 (reward, whose head lives on the last stage) onto the uninterrupted run's curve."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    sft = [f"model.path={tiny_model_dir}", *SFT[:-4], "train.max_steps=4", "train.global_batch_size=8",
+           "optim.lr=1e-3", "train.save_every=2"]
+    rm = [*tiny_reward_overrides(tiny_model_dir, tmp_path / "unused", DATA), "train.save_every=2"]
+    cases = [("train_sft", sft, "engine.tensor_parallel=2", "engine.pipeline_parallel=2", AutoModelForCausalLM),
+             ("train_reward", rm, "engine.pipeline_parallel=2", "engine.tensor_parallel=2",
+              AutoModelForSequenceClassification)]
+    for recipe, overrides, first, second, loader in cases:
+        full, resumed = tmp_path / f"{recipe}_full", tmp_path / f"{recipe}_resumed"
+        run_megatron(recipe, *overrides, f"run_dir={full}", first)
+        run_megatron(recipe, *overrides, f"run_dir={resumed}", second, f"resume={full / 'checkpoints' / 'step_00000002'}")
+        ref, got = curve(full), curve(resumed)
+        assert [round(x, 5) for x, _ in got] == [round(x, 5) for x, _ in ref[2:]], (recipe, ref, got)
+        same_weights(full / "model", resumed / "model", loader.from_pretrained, atol=1e-5)

@@ -80,9 +80,6 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         if info.pp > 1 and cfg.model.freeze_backbone:
             raise ConfigError("model.freeze_backbone caches one process's features: use engine.pipeline_parallel=1")
 
-        if cfg.train.save_every > 0 or (cfg.resume == "auto" and ckpt.find_latest_checkpoint(run_dir)):
-            raise ConfigError("engine=megatron does not write or resume training checkpoints yet: set "
-                              "train.save_every=0 (and use a fresh run_dir)")
         rm = MegatronRewardModel(rm, tp=info.tp, pp=info.pp, dtype=getattr(torch, cfg.model.dtype))
     if cfg.model.freeze_backbone:
         rm.freeze_backbone()

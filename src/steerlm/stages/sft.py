@@ -78,7 +78,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     if lora:
         model = apply_lora(model, OmegaConf.to_container(cfg.model.lora, resolve=True))
     if strategy == "megatron":  # TP-sharded GPTModel; exported back to this HF model's layout
-        model = megatron_policy(cfg, model, info, run_dir)
+        model = megatron_policy(cfg, model, info)
     hf_model = model.hf_model if strategy == "megatron" else model
     model = te.wrap_model(model, strategy, info)
     if cfg.packing:
@@ -197,15 +197,12 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
 
 
 # ===== Pieces ====================================================================================
-def megatron_policy(cfg: DictConfig, hf_model, info, run_dir):
+def megatron_policy(cfg: DictConfig, hf_model, info):
     """engine=megatron: full fine-tune of padded rows (no LoRA, no packing, no gradient checkpointing yet)."""
-    from .. import checkpoint as ckpt
     from ..engines.megatron.causal_lm import MegatronCausalLM
 
     unsupported = {"model.lora.enabled=false": cfg.model.lora.enabled, "packing=false": cfg.packing,
-                   "model.gradient_checkpointing=false": cfg.model.gradient_checkpointing,
-                   "train.save_every=0": cfg.train.save_every > 0,
-                   "a fresh run_dir (no resume)": cfg.resume == "auto" and ckpt.find_latest_checkpoint(run_dir)}
+                   "model.gradient_checkpointing=false": cfg.model.gradient_checkpointing}
     needed = [k for k, bad in unsupported.items() if bad]
     if needed:
         raise ConfigError(f"engine=megatron SFT runs full fine-tunes of padded rows for now: set {', '.join(needed)}")

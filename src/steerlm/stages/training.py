@@ -61,7 +61,7 @@ def save_state(run_dir: Path, step: int, model, optimizer, scheduler, *, epoch: 
     if next_batch >= n_batches:
         epoch, next_batch = epoch + 1, 0
     model_state = te.full_model_state(model)  # collective under FSDP2: every rank calls it
-    if trainable_only:
+    if trainable_only and not getattr(model, "is_megatron", False):  # Megatron saves HF names: the whole model
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         model_state = {k: v for k, v in model_state.items() if k in trainable}
     optim_state = te.full_optimizer_state(model, optimizer)

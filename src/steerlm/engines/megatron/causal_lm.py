@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import MegatronWrapper, build_gpt, gather_hf_state, load_hf_state, pipeline_forward_backward, token_nll
+from .model import MegatronWrapper, build_gpt, load_hf_state, pipeline_forward_backward, token_nll
 
 
 class MegatronCausalLM(MegatronWrapper):
@@ -69,7 +69,3 @@ class MegatronCausalLM(MegatronWrapper):
         labels, keep = self._targets(batch)
         nll = token_nll(self.gpt, batch["input_ids"], labels).float()  # (B, S)
         return (nll * keep).sum(), int(keep.sum())
-
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """The HF state dict on global rank 0 ({} elsewhere); collective."""
-        return gather_hf_state(self.gpt) or {}

@@ -132,14 +132,16 @@ def local_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in _tensors(model).items()}
 
 
-def gather_hf_state(model) -> Optional[dict[str, torch.Tensor]]:
+def gather_hf_state(model, local: Optional[dict[str, torch.Tensor]] = None) -> Optional[dict[str, torch.Tensor]]:
     """Every rank's shards -> the HF state dict on global rank 0 (None elsewhere). Holds the full model in rank 0's
-    CPU memory: fine up to tens of GB; for 70B prefer Megatron's distributed checkpoint plus an offline export."""
+    CPU memory: fine up to tens of GB; for 70B prefer Megatron's distributed checkpoint plus an offline export.
+    `local`: tensors laid out like this rank's parameters (default: the parameters; e.g. AdamW's moments)."""
     from megatron.core import parallel_state as ps
 
     key = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
     is_dp0 = ps.get_data_parallel_rank() == 0
-    mine = (key, local_state(model)) if is_dp0 else None  # data-parallel replicas are identical: send one
+    local = local_state(model) if local is None else {k: v.detach().cpu() for k, v in local.items()}
+    mine = (key, local) if is_dp0 else None  # data-parallel replicas are identical: send one
     world = torch.distributed.get_world_size()
     gathered = [None] * world if torch.distributed.get_rank() == 0 else None
     torch.distributed.gather_object(mine, gathered, dst=0)
@@ -187,6 +189,27 @@ class MegatronWrapper(torch.nn.Module):
     @property
     def config(self):
         return self.hf_model.config
+
+    # --- what engines/megatron/checkpoint.py needs; the RM adds its head, with AttributeRewardModel's key names
+    def gather_state(self, local: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
+        """Tensors laid out like this rank's GPTModel parameters -> HF-named on global rank 0 (None elsewhere)."""
+        return gather_hf_state(self.gpt, local)
+
+    def extra_params(self) -> dict[str, torch.nn.Parameter]:
+        return {}
+
+    def extra_state(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def backbone_part(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(state)
+
+    def extra_part(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The HF state dict on global rank 0 ({} elsewhere); collective."""
+        return self.gather_state(local_state(self.gpt)) or {}
 
 
 def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
