@@ -195,3 +195,12 @@ def test_checkpoints_resume_at_another_tp_pp_split(tiny_model_dir, tmp_path):
         ref, got = curve(full), curve(resumed)
         assert [round(x, 5) for x, _ in got] == [round(x, 5) for x, _ in ref[2:]], (recipe, ref, got)
         same_weights(full / "model", resumed / "model", loader.from_pretrained, atol=1e-5)
+
+
+def test_bf16_autocast_request_is_dropped_with_a_notice(tiny_model_dir, tmp_path):
+    """sft.yaml asks for bf16 autocast; Megatron's layers cannot autocast (mixed-dtype backward), so the stage says
+    so and computes in model.dtype instead of crashing."""
+    base = [f"model.path={tiny_model_dir}", *[o for o in SFT if not o.startswith("engine.precision")]]
+    proc = run_megatron("train_sft", *base, "engine.precision=bf16", "train.max_steps=2", f"run_dir={tmp_path}", procs=1)
+    assert "engine=megatron: no autocast (engine.precision=bf16 ignored); computing in model.dtype=float32" in proc.stdout
+    assert (tmp_path / "model" / "model.safetensors").exists()

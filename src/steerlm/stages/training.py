@@ -36,6 +36,12 @@ def prepare_run(cfg: DictConfig, info: te.DistInfo):
 
     strategy = te.resolve_strategy(cfg.engine.strategy, info)
     amp_dtype = te.resolve_precision(cfg.engine.precision, info.device)
+    if strategy == "megatron" and amp_dtype is not None:
+        # Megatron's tensor-parallel layers have their own autograd functions, which autocast does not reach (the
+        # backward would mix bf16 and fp32): the model computes in its weights' dtype instead
+        print0(f"engine=megatron: no autocast (engine.precision={cfg.engine.precision} ignored); computing in "
+               f"model.dtype={cfg.model.dtype} (model.dtype=bfloat16 for bf16 weights and compute)")
+        amp_dtype = None
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
