@@ -18,9 +18,11 @@ from steerlm.errors import ConfigError
 pytest.importorskip("megatron.core", reason="pip install -e '.[megatron]'")
 
 
-def run_megatron(recipe: str, *overrides: str, procs: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+def run_megatron(recipe: str, *overrides: str, procs: int = 2, check: bool = True,
+                 engine: bool = True) -> subprocess.CompletedProcess:
     launch = [PY] if procs == 1 else [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
-    cmd = [*launch, str(REPO / "tests" / "megatron_recipe.py"), recipe, "engine=megatron", *overrides]
+    cmd = [*launch, str(REPO / "tests" / "megatron_recipe.py"), recipe, *(["engine=megatron"] if engine else []),
+           *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check:
@@ -204,3 +206,22 @@ def test_bf16_autocast_request_is_dropped_with_a_notice(tiny_model_dir, tmp_path
     proc = run_megatron("train_sft", *base, "engine.precision=bf16", "train.max_steps=2", f"run_dir={tmp_path}", procs=1)
     assert "engine=megatron: no autocast (engine.precision=bf16 ignored); computing in model.dtype=float32" in proc.stdout
     assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_pipeline_command_runs_stages_on_megatron_each_with_its_own_split(tiny_model_dir, tmp_path):
+    """One torchrun, one process group: reward at TP 2, label at PP 2, SFT at TP 2, evaluate on the torch engine
+    (rank 0); Megatron's groups are rebuilt per stage. The same command again skips every stage."""
+    from test_pipeline import plan_lines, tiny_overrides
+
+    megatron = ["reward.engine.strategy=megatron", "+reward.engine.tensor_parallel=2",
+                "label.engine.strategy=megatron", "+label.engine.pipeline_parallel=2",
+                "sft.engine.strategy=megatron", "+sft.engine.tensor_parallel=2", "sft.model.lora.enabled=false",
+                "sft.packing=false"]
+    args = [*tiny_overrides(tiny_model_dir, tmp_path / "p"), *megatron]
+    run_megatron("pipeline", *args, engine=False)
+    for stage, split in (("reward", (2, 1)), ("label", (1, 2)), ("sft", (2, 1))):
+        summary = json.loads((tmp_path / "p" / stage / "summary.json").read_text())
+        assert (summary["tensor_parallel"], summary["pipeline_parallel"], summary["world_size"]) == (*split, 1), stage
+    assert (tmp_path / "p" / "report.md").exists() and (tmp_path / "p" / "sft" / "model" / "model.safetensors").exists()
+    again = run_megatron("pipeline", *args, engine=False)
+    assert {a for a, _ in plan_lines(again.stdout).values()} == {"skip"}

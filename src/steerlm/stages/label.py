@@ -221,6 +221,7 @@ def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_st
                "turns_per_s_per_rank": round(total.inputs / total.seconds, 2) if total.seconds else None,
                "padding_fraction": total.to_dict()["padding_fraction"], "wall_time_s": round(time.time() - t_start, 2),
                "peak_mem_mb": round(te.peak_memory_mb(info.device), 1), "world_size": info.world_size,
+               "tensor_parallel": getattr(info, "tp", 1), "pipeline_parallel": getattr(info, "pp", 1),
                "rm": str(cfg.rm), "trained_attributes": scorer.trained_attributes, "load": load_stats}
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out_dir / MANIFEST, json.dumps({"output": output.name, "sha256": digest,

@@ -179,7 +179,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         "train_tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
         "feature_tokens_per_s": forward.cache.tokens_per_s if forward.cache else None,
         "peak_mem_mb": round(te.peak_memory_mb(info.device), 1), "world_size": info.world_size,
-        "tensor_parallel": getattr(info, "tp", 1),
+        "tensor_parallel": getattr(info, "tp", 1), "pipeline_parallel": getattr(info, "pp", 1),
         "strategy": strategy, "frozen_backbone": frozen, "data": data["reports"],
     }
     if info.is_main:

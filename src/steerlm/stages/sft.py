@@ -176,7 +176,8 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         "packing_efficiency": round(totals["tokens"] / max(totals["padded"], 1), 4),
         "tokens": totals["tokens"], "trained_tokens": totals["trained"],
         "validation_loss": val_loss, "peak_mem_mb": round(te.peak_memory_mb(info.device), 1),
-        "world_size": info.world_size, "tensor_parallel": getattr(info, "tp", 1), "strategy": strategy, "lora": lora,
+        "world_size": info.world_size, "tensor_parallel": getattr(info, "tp", 1),
+        "pipeline_parallel": getattr(info, "pp", 1), "strategy": strategy, "lora": lora,
         "trainable_params": n_trainable,
         "steerable_attributes": data["steerable"], "data": data["reports"],
     }

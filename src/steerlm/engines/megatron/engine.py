@@ -34,13 +34,16 @@ class MegatronDistInfo(te.DistInfo):
 
 @contextlib.contextmanager
 def distributed(engine_cfg):
-    """Megatron's TP/PP/DP groups for one stage (torchrun env); torn down on exit when started here."""
+    """Megatron's TP/PP/DP groups for one stage (torchrun env), torn down on exit; the process group too when it
+    was started here (a pipeline run keeps its own across stages)."""
     from megatron.core import parallel_state as ps
 
     from .model import init_parallel
 
     tp, pp = int(engine_cfg.get("tensor_parallel", 1)), int(engine_cfg.get("pipeline_parallel", 1))
     owned = not dist.is_initialized()
+    if ps.model_parallel_is_initialized():  # left by someone else: this stage's TP x PP may differ
+        ps.destroy_model_parallel()
     ranks = init_parallel(tp, pp)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
@@ -52,8 +55,8 @@ def distributed(engine_cfg):
         yield info
     finally:
         te.set_data_group(None)
+        ps.destroy_model_parallel()  # the pipeline's next stage may use another split, or the torch engine
         if owned:
-            ps.destroy_model_parallel()
             te.shutdown_distributed()
 
 
