@@ -8,7 +8,7 @@
 #   STEERLM_PYTHON          the interpreter (default: $STEERLM_ROOT/.venv/bin/python)
 #   STEERLM_NPROC_PER_NODE  processes per node (default: the node's GPUs: SLURM_GPUS_ON_NODE or
 #                           CUDA_VISIBLE_DEVICES, else 1; on CPU nodes set it, e.g. 2: gloo, one process per rank)
-#   STEERLM_RDZV_PORT       the rendezvous port on the first node (default: 29500 + job id % 1000)
+#   STEERLM_RDZV_PORT       the rendezvous port on the first node (default: one the OS reports free there)
 #   STEERLM_MAX_RESTARTS    torchrun worker-group restarts (default 0: a failed rank fails the job)
 set -euo pipefail
 
@@ -45,7 +45,8 @@ if [[ ${SINGLE_PROCESS:-0} == 1 ]]; then      # evaluate, train_steerlm2, train_
   NPROC=1                                     # STEERLM_NPROC_PER_NODE does not apply
 fi
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-PORT=${STEERLM_RDZV_PORT:-$((29500 + ${SLURM_JOB_ID} % 1000))}
+# the batch script runs on the first node: a port the OS reports free there (not job-id arithmetic, which collides)
+PORT=${STEERLM_RDZV_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
 
 echo "steerlm: job $SLURM_JOB_ID recipe=$RECIPE nodes=$NNODES nproc_per_node=$NPROC" \
      "world_size=$((NNODES * NPROC)) rdzv=$HEAD:$PORT python=$PYTHON"

@@ -210,13 +210,19 @@ class SteerableModel:
         self.stats.seconds += time.time() - t0
         return results
 
-    def _generate_batch(self, seqs: list[list[int]], max_new_tokens: int, sampling: dict, specs=None) -> list[dict]:
-        from ..steering import steer
-
+    def left_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Token id lists -> (input_ids, attention_mask, width), left-padded: every row's last token is at -1."""
         pad = self.tokenizer.pad_token_id
         width = max(map(len, seqs))
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        return input_ids, mask, width
+
+    def _generate_batch(self, seqs: list[list[int]], max_new_tokens: int, sampling: dict, specs=None) -> list[dict]:
+        from ..steering import steer
+
+        pad = self.tokenizer.pad_token_id
+        input_ids, mask, width = self.left_padded(seqs)
         stops = dict(stop_strings=self.hf_stop_strings, tokenizer=self.tokenizer) if self.hf_stop_strings else {}
         # left-padded: every row's prompt ends at `width`; "generated" steering starts there
         with steer(self.model, specs, batch_size=len(seqs), prompt_lengths=[width] * len(seqs)):

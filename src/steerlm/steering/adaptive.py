@@ -196,11 +196,7 @@ def prompt_activations(policy, prompts: Sequence, layer: int, attributes=None, b
     ids = [policy.prompt_ids(p, attributes) for p in prompts]
     out = []
     for s in range(0, len(ids), batch_size):
-        part = ids[s:s + batch_size]
-        width = max(map(len, part))
-        pad = policy.tokenizer.pad_token_id
-        x = torch.tensor([[pad] * (width - len(r)) + r for r in part], device=policy.device)  # left-padded: last = -1
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in part], device=policy.device)
+        x, mask, _ = policy.left_padded(ids[s:s + batch_size])  # every prompt's last token at -1
         with steer(policy.model, capture_layers=[layer]) as cap:
             policy.model(input_ids=x, attention_mask=mask, use_cache=False)
         out.append(cap[layer][:, -1])
