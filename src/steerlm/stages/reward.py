@@ -113,6 +113,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     mbs = cfg.train.micro_batch_size
     bar = tqdm(total=total_steps, initial=step, desc="reward", disable=not info.is_main, dynamic_ncols=True)
     t_train, tokens_seen = time.time(), 0
+    pipelined = getattr(model, "pipelined", False)
     while step < total_steps:
         batches = global_batches(lengths, G, seed=cfg.seed, epoch=epoch, group_by_length=cfg.train.group_by_length)
         for b in range(start_batch, len(batches)):
@@ -123,26 +124,25 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
             chunks = micro_batches(local, mbs)
             loss_sum, tokens = 0.0, 0
             model.train()
-            if getattr(model, "pipelined", False):  # Megatron PP: the schedule runs all of the step's micro-batches
-                idx = [chunks[j] if j < len(chunks) else [gb[0]] for j in range(n_micro)]
-                weights = [1.0 if j < len(chunks) else 0.0 for j in range(n_micro)]
+            # every rank runs the same number of micro-batches (collectives must match);
+            # a rank whose share ran out repeats a sample with weight 0
+            parts = [(chunks[j], 1.0) if j < len(chunks) else ([gb[0]], 0.0) for j in range(n_micro)]
+            if pipelined:  # Megatron PP: the schedule runs all of the step's micro-batches
                 with te.autocast(info.device, amp_dtype):
-                    sums, toks = pipelined_losses(model, [[train_items[i] for i in c] for c in idx],
-                                                  [w * world / len(gb) for w in weights], cfg, pair_w,
+                    sums, toks = pipelined_losses(model, [[train_items[i] for i in idx] for idx, _ in parts],
+                                                  [w * world / len(gb) for _, w in parts], cfg, pair_w,
                                                   tokenizer.pad_token_id, info.device)
                 model.finish_grads()
-                loss_sum = sum(v * w for v, w in zip(sums, weights))
-                tokens = sum(t for t, w in zip(toks, weights) if w)
-            for j in range(0 if getattr(model, "pipelined", False) else n_micro):
-                # every rank runs the same number of micro-batches (collectives must match);
-                # a rank whose share ran out repeats a sample with weight 0
-                idx, weight = (chunks[j], 1.0) if j < len(chunks) else ([gb[0]], 0.0)
-                with te.grad_sync_context(model, strategy if sharded else "single", sync=j == n_micro - 1):
-                    with te.autocast(info.device, amp_dtype):
-                        per_item, n_tok = item_losses(forward, [train_items[i] for i in idx], cfg, pair_w)
-                    (per_item.sum() * (weight * world / len(gb))).backward()
-                loss_sum += float(per_item.detach().sum()) * weight
-                tokens += n_tok if weight else 0
+                loss_sum = sum(v * w for v, (_, w) in zip(sums, parts))
+                tokens = sum(t for t, (_, w) in zip(toks, parts) if w)
+            else:
+                for j, (idx, weight) in enumerate(parts):
+                    with te.grad_sync_context(model, strategy if sharded else "single", sync=j == n_micro - 1):
+                        with te.autocast(info.device, amp_dtype):
+                            per_item, n_tok = item_losses(forward, [train_items[i] for i in idx], cfg, pair_w)
+                        (per_item.sum() * (weight * world / len(gb))).backward()
+                    loss_sum += float(per_item.detach().sum()) * weight
+                    tokens += n_tok if weight else 0
             grad_norm = te.clip_grad_norm(model, cfg.optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -273,10 +273,9 @@ def pipelined_losses(model, chunks: list[list[dict]], scales: list[float], cfg: 
         n = len(mb["items"])
         per_item = losses_from_preds([pred[k * n:(k + 1) * n] for k in range(pred.shape[0] // n)], mb["items"], cfg,
                                      pair_w, model.schema.missing)
-        return per_item.sum() * mb["scale"]
+        return per_item.sum() * mb["scale"], per_item.sum()
 
-    sums = model.pipeline_losses(micro, loss_of)
-    return [v / s if s else 0.0 for v, s in zip(sums, scales)], tokens
+    return model.pipeline_losses(micro, loss_of), tokens
 
 
 @torch.no_grad()

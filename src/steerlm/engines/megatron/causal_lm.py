@@ -30,30 +30,17 @@ class MegatronCausalLM(MegatronWrapper):
     def pipeline_nll(self, batches: list[dict], scales: list[float], forward_only: bool = False) -> list[float]:
         """PP > 1: one step's micro-batches through Megatron's 1F1B schedule. Micro-batch k contributes
         scale_k · Σ_t nll_t to the backward; -> every micro-batch's Σ_t nll_t over its targets, on every rank.
-
-        The schedule sends fixed-shape activations between stages, so the micro-batches are right-padded to one
-        (rows, length); the padding is out of the loss. Gradients stay local: call `finish_grads` after."""
-        from megatron.core import parallel_state as ps
-
-        rows = max(b["input_ids"].shape[0] for b in batches)
-        length = max(b["input_ids"].shape[1] for b in batches)
+        Gradients stay local: call `finish_grads` after."""
         mbs = []
         for b, scale in zip(batches, scales):
             labels, keep = self._targets(b)
-            pad = lambda t: torch.nn.functional.pad(t, (0, length - t.shape[1], 0, rows - t.shape[0]))
-            mbs.append({"input_ids": pad(b["input_ids"]), "labels": pad(labels), "keep": pad(keep).float(),
-                        "scale": scale})
+            mbs.append({"input_ids": b["input_ids"], "labels": labels, "keep": keep.float(), "scale": scale})
 
         def loss_fn(nll, mb):
-            total = (nll.float() * mb["keep"]).sum()
-            return total * mb["scale"], mb["keep"].sum().int(), {"nll": total.detach()}
+            total = (nll.float() * mb["keep"]).sum()  # padding: keep = 0
+            return total * mb["scale"], total
 
-        logs = pipeline_forward_backward(self.gpt, mbs, loss_fn, forward_only=forward_only)
-        device = batches[0]["input_ids"].device
-        sums = torch.tensor([float(x["nll"]) for x in logs] if logs else [0.0] * len(mbs), dtype=torch.float64,
-                            device=device)
-        torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())  # the last stage has them
-        return sums.tolist()
+        return pipeline_forward_backward(self.gpt, mbs, loss_fn, forward_only=forward_only)
 
     def finish_grads(self) -> None:
         """After a pipelined backward: tied embedding grads summed across the first and last stage, then the

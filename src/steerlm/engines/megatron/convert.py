@@ -134,7 +134,7 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], s: DecoderShape, tp: int = 1,
         # tied: the last stage holds its own copy of the embedding as the output weight (Megatron syncs their grads)
         if not s.tied and "lm_head.weight" in hf:  # absent: a reward model's backbone (load_hf_state checks coverage)
             out["output_layer.weight"] = _rows(hf["lm_head.weight"], tp, tp_rank)
-        elif pp > 1:
+        elif s.tied and pp > 1:
             out["output_layer.weight"] = _rows(embed, tp, tp_rank)
     for local, i in enumerate(layer_range(s, pp, pp_rank)):
         h, m = f"model.layers.{i}.", f"decoder.layers.{local}."

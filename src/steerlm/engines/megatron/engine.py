@@ -60,23 +60,36 @@ def distributed(engine_cfg):
             te.shutdown_distributed()
 
 
-def sync_data_parallel_grads(model: torch.nn.Module) -> None:
-    """Average gradients over the data-parallel replicas (what DDP does), one bucket per dtype."""
+def sync_data_parallel_grads(model: torch.nn.Module, bucket_elements: int = 2 ** 26) -> None:
+    """Average gradients over the data-parallel replicas (what DDP does), in flat buckets of one dtype: few
+    collectives, and at most one bucket (64 Mi elements) of extra memory rather than a copy of every gradient."""
     from megatron.core import parallel_state as ps
 
-    if ps.get_data_parallel_world_size() == 1:
+    size = ps.get_data_parallel_world_size()
+    if size == 1:
         return
     group = ps.get_data_parallel_group()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    for dtype in {g.dtype for g in grads}:
-        same = [g for g in grads if g.dtype == dtype]
-        flat = torch.cat([g.reshape(-1) for g in same])
+
+    def flush(bucket: list[torch.Tensor]) -> None:
+        flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat, group=group)
-        flat /= ps.get_data_parallel_world_size()
+        flat /= size
         offset = 0
-        for g in same:
+        for g in bucket:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for dtype in sorted({g.dtype for g in grads}, key=str):  # the same order on every rank
+        bucket, n = [], 0
+        for g in (g for g in grads if g.dtype == dtype):
+            bucket.append(g)
+            n += g.numel()
+            if n >= bucket_elements:
+                flush(bucket)
+                bucket, n = [], 0
+        if bucket:
+            flush(bucket)
 
 
 def sync_tied_embedding_grads(gpt) -> None:

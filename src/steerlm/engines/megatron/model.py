@@ -250,27 +250,43 @@ def as_hidden_state_model(model):
     return model
 
 
-def pipeline_forward_backward(model, microbatches: list[dict], loss_fn, *, forward_only: bool = False) -> list:
-    """Megatron's 1F1B schedule over `microbatches` (dicts of equal-shape (B, S) tensors, `input_ids` and what
-    `loss_fn` reads). On the last stage `loss_fn(output, mb)` -> (loss already divided by the global batch's token
-    count, tokens, logs). Gradients accumulate in the parameters' .grad; -> the logs (last stage; [] elsewhere)."""
+def pipeline_forward_backward(model, microbatches: list[dict], loss_fn, *, forward_only: bool = False) -> list[float]:
+    """Megatron's 1F1B schedule over `microbatches` (dicts holding `input_ids` (B, S), optional `labels`, and what
+    `loss_fn` reads). On the last stage `loss_fn(output, mb)` -> (the loss its backward sees, a value to report).
+    Gradients accumulate in .grad. -> each micro-batch's reported value, on every rank of the pipeline.
+
+    Activations travel between stages at one fixed shape, so every (B, S) tensor is right-padded with zeros to the
+    largest rows and length here; `mb["rows"]` keeps the micro-batch's own row count. Padding sits after the real
+    tokens of causal rows, and padded rows are for `loss_fn` to leave out."""
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    shapes = {tuple(mb["input_ids"].shape) for mb in microbatches}
-    if len(shapes) != 1:
-        raise ConfigError(f"pipeline micro-batches must share one (batch, length) shape; got {sorted(shapes)}")
-    (B, S), = shapes
+    B = max(mb["input_ids"].shape[0] for mb in microbatches)
+    S = max(mb["input_ids"].shape[1] for mb in microbatches)
+    pad = lambda t: torch.nn.functional.pad(t, (0, S - t.shape[1], 0, B - t.shape[0]))
+    padded = [{**{k: pad(v) if torch.is_tensor(v) and v.shape == mb["input_ids"].shape else v for k, v in mb.items()},
+               "rows": mb["input_ids"].shape[0]} for mb in microbatches]
+
+    def loss_with_report(output, mb):
+        loss, value = loss_fn(output, mb)
+        # calculate_per_token_loss=True: the schedule neither divides by this count nor by the micro-batch count
+        return loss, torch.tensor(1, dtype=torch.int), {"value": value.detach()}
 
     def step(data_iterator, model):
         mb = next(data_iterator)
         out = model(input_ids=mb["input_ids"], position_ids=position_ids_for(mb["input_ids"]), attention_mask=None,
                     labels=mb.get("labels"))
-        return out, lambda output: loss_fn(output, mb)
+        return out, lambda output: loss_with_report(output, mb)
 
-    return get_forward_backward_func()(forward_step_func=step, data_iterator=iter(microbatches), model=[model],
-                                       num_microbatches=len(microbatches), seq_length=S, micro_batch_size=B,
+    logs = get_forward_backward_func()(forward_step_func=step, data_iterator=iter(padded), model=[model],
+                                       num_microbatches=len(padded), seq_length=S, micro_batch_size=B,
                                        forward_only=forward_only)
+    values = torch.tensor([float(x["value"]) for x in logs] if logs else [0.0] * len(padded), dtype=torch.float64,
+                          device=microbatches[0]["input_ids"].device)
+    torch.distributed.all_reduce(values, group=ps.get_pipeline_model_parallel_group())  # only the last stage had them
+    return values.tolist()
 
 
-__all__ = ["MegatronWrapper", "pipeline_forward_backward", "export_hf", "init_parallel", "transformer_config", "build_gpt", "load_hf_state", "gather_hf_state", "local_state",
-           "forward_logits", "token_nll", "as_hidden_state_model", "layer_range"]
+__all__ = ["MegatronWrapper", "pipeline_forward_backward", "export_hf", "init_parallel", "transformer_config",
+           "build_gpt", "load_hf_state", "gather_hf_state", "local_state", "forward_logits", "token_nll",
+           "as_hidden_state_model", "layer_range"]

@@ -49,35 +49,28 @@ class MegatronRewardModel(MegatronWrapper):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pipelined:  # predictions only (evaluation, labeling): no gradient flows through the schedule
             preds = []
-            self.pipeline_losses([{"input_ids": input_ids, "attention_mask": attention_mask}],
-                                 lambda pred, mb: (preds.append(pred.detach()), pred.sum() * 0)[1], forward_only=True)
+
+            def keep_pred(pred, mb):
+                preds.append(pred.detach())
+                return pred.sum() * 0, pred.sum() * 0
+
+            self.pipeline_losses([{"input_ids": input_ids, "attention_mask": attention_mask}], keep_pred,
+                                 forward_only=True)
             return self._from_last_stage(preds[0] if preds else None, (input_ids.shape[0], self.head.out_features))
         return self.score_pooled(self.pooled_hidden(input_ids, attention_mask))
 
     def pipeline_losses(self, micro: list[dict], loss_of, forward_only: bool = False) -> list[float]:
         """PP > 1: micro-batches (dicts with right-padded `input_ids`, `attention_mask` and whatever `loss_of` reads)
-        through Megatron's 1F1B schedule. On the last stage, `loss_of(pred (B, K), mb)` -> the micro-batch's loss
-        (what its backward should see). -> every micro-batch's loss value, on every rank of the pipeline.
-        Activations travel between stages at one fixed shape: rows and length are padded (mask 0) to the largest."""
-        from megatron.core import parallel_state as ps
-
-        rows = max(mb["input_ids"].shape[0] for mb in micro)
-        length = max(mb["input_ids"].shape[1] for mb in micro)
-        pad = lambda t: torch.nn.functional.pad(t, (0, length - t.shape[1], 0, rows - t.shape[0]))
-        padded = [{**mb, "input_ids": pad(mb["input_ids"]), "attention_mask": pad(mb["attention_mask"]),
-                   "n": mb["input_ids"].shape[0]} for mb in micro]
+        through Megatron's 1F1B schedule. On the last stage, `loss_of(pred (B, K), mb)` -> (the micro-batch's loss
+        for its backward, a value to report). -> every micro-batch's reported value, on every rank of the pipeline."""
 
         def loss_fn(hidden, mb):
-            idx = last_token_index(mb["attention_mask"][:mb["n"]])
-            pooled = hidden[torch.arange(mb["n"], device=hidden.device), idx].float()
-            loss = loss_of(self.score_pooled(pooled), mb)
-            return loss, torch.tensor(1, dtype=torch.int), {"loss": loss.detach()}
+            n = mb["rows"]  # the schedule pads rows to one shape: score only the micro-batch's own
+            idx = last_token_index(mb["attention_mask"][:n])
+            pooled = hidden[torch.arange(n, device=hidden.device), idx].float()
+            return loss_of(self.score_pooled(pooled), mb)
 
-        logs = pipeline_forward_backward(self.gpt, padded, loss_fn, forward_only=forward_only)
-        values = torch.tensor([float(x["loss"]) for x in logs] if logs else [0.0] * len(micro), dtype=torch.float64,
-                              device=micro[0]["input_ids"].device)
-        torch.distributed.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
-        return values.tolist()
+        return pipeline_forward_backward(self.gpt, micro, loss_fn, forward_only=forward_only)
 
     def _from_last_stage(self, tensor, shape) -> torch.Tensor:
         """The last pipeline stage's tensor, on every stage."""
