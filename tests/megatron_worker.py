@@ -1,6 +1,6 @@
 """One torchrun rank of the Megatron CPU tests: build GPTModel from a tiny HF model, compare, train one step.
 
-    torchrun --nproc_per_node 2 tests/megatron_worker.py HF_DIR OUT_JSON --tp 2 [--pp 1]
+    torchrun --nproc_per_node 2 tests/megatron_worker.py HF_DIR OUT_JSON --tp 2 [--pp 1] [--sp] [--seq 16]
 
 Rank 0 writes OUT_JSON: logits and hidden-state differences against HF, the training-step losses, whether
 HF -> Megatron -> HF is bit-exact; the trained model is exported to OUT_JSON's stem + .hf (an HF checkpoint).
@@ -23,15 +23,16 @@ megatron_cpu.install()
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from steerlm.engines.megatron import model as mm  # noqa: E402
+from steerlm.engines.megatron.engine import finish_grads  # noqa: E402
 
 
-def batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch(vocab: int, seq: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two right-padded rows: ids, next-token labels and a loss mask (the padding is out of the loss)."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, vocab, (2, 16), generator=g)
+    ids = torch.randint(4, vocab, (2, seq), generator=g)
     ids[1, 11:] = 0  # padding
     labels = torch.cat([ids[:, 1:], torch.zeros(2, 1, dtype=ids.dtype)], dim=1)
-    mask = torch.ones(2, 16)
+    mask = torch.ones(2, seq)
     mask[:, -1] = 0
     mask[1, 10:] = 0
     mask[:, :4] = 0  # "prompt" tokens
@@ -44,11 +45,13 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--sp", action="store_true", help="sequence parallel")
+    ap.add_argument("--seq", type=int, default=16, help="row length (odd: sequence-parallel padding)")
     args = ap.parse_args()
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
     ranks = mm.init_parallel(args.tp, args.pp)
-    model = mm.build_gpt(hf.config, tp=args.tp, pp=args.pp)
+    model = mm.build_gpt(hf.config, tp=args.tp, pp=args.pp, sequence_parallel=args.sp)
     mm.load_hf_state(model, hf.state_dict())
     result: dict = {"ranks": ranks}
     exact = mm.gather_hf_state(model)
@@ -57,7 +60,7 @@ def main() -> None:
         result["roundtrip_keys_equal"] = sorted(exact) == sorted(k for k in ref if k in exact) and \
             all(k in exact for k in ref if not (hf.config.tie_word_embeddings and k == "lm_head.weight"))
         result["roundtrip_exact"] = all(torch.equal(exact[k], ref[k]) for k in exact)
-    ids, labels, mask = batch(hf.config.vocab_size)
+    ids, labels, mask = batch(hf.config.vocab_size, args.seq)
     with torch.no_grad():
         hf_logits = hf(input_ids=ids).logits
         hf_hidden = hf(input_ids=ids, output_hidden_states=True).hidden_states[-1]
@@ -76,6 +79,7 @@ def main() -> None:
             loss = (nll * mask).sum() / mask.sum()
             opt.zero_grad()
             loss.backward()
+            finish_grads(model)  # q/k norms (and every norm under SP): partial gradients summed over TP
             opt.step()
             losses.append(float(loss.detach()))
         with torch.no_grad():
@@ -83,10 +87,10 @@ def main() -> None:
         result["losses"] = losses
         mm.export_hf(model, Path(args.out).with_suffix(".hf"))
         # the RM path: final-norm hidden states instead of logits
-        rm = mm.as_hidden_state_model(mm.build_gpt(hf.config, tp=args.tp))
+        rm = mm.as_hidden_state_model(mm.build_gpt(hf.config, tp=args.tp, sequence_parallel=args.sp))
         mm.load_hf_state(rm, hf.state_dict())
         with torch.no_grad():
-            hidden = rm.eval()(input_ids=ids, position_ids=mm.position_ids_for(ids), attention_mask=None)
+            hidden = mm.gpt_forward(rm.eval(), ids)
         result["hidden_max_abs_diff"] = float((hidden - hf_hidden)[real].abs().max())
     else:
         # the same two steps through Megatron's 1F1B schedule, one row per micro-batch
@@ -103,6 +107,7 @@ def main() -> None:
         for k in range(3):
             opt.zero_grad()
             values = mm.pipeline_forward_backward(model, mbs, loss_fn, forward_only=k == 2)
+            finish_grads(model)
             if k < 2:
                 opt.step()
             losses.append(sum(values))

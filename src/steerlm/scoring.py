@@ -83,13 +83,13 @@ class RewardScorer:
             scripts/bench_label.py measured ~600 tokens/s at 1-2k vs ~480 at 8k for SmolLM2-135M on 2 cores).
         max_length: token limit; default the RM's training max_length.
         over_length: error | skip | truncate_left.
-        tensor_parallel, pipeline_parallel: run the RM on Megatron-core split over TP x PP ranks (engine=megatron;
-            its process groups must be up). tensor_parallel None: the HF model on one device.
+        tensor_parallel, pipeline_parallel, sequence_parallel: run the RM on Megatron-core split over TP x PP ranks
+            (engine=megatron; its process groups must be up). tensor_parallel None: the HF model on one device.
     """
 
     def __init__(self, rm_path: str, *, device: str = "auto", precision: str = "auto", batch_tokens: Optional[int] = None,
                  max_length: Optional[int] = None, over_length: str = "error", tensor_parallel: Optional[int] = None,
-                 pipeline_parallel: int = 1):
+                 pipeline_parallel: int = 1, sequence_parallel: bool = False):
         if over_length not in OVER_LENGTH:
             raise ConfigError(f"unknown over_length {over_length!r}; choose one of {OVER_LENGTH}")
         card_path = Path(rm_path) / RM_CARD
@@ -113,7 +113,8 @@ class RewardScorer:
         if tensor_parallel is not None:
             from .engines.megatron.reward_model import MegatronRewardModel
 
-            self.model = MegatronRewardModel(self.model, tp=tensor_parallel, pp=pipeline_parallel, dtype=dtype)
+            self.model = MegatronRewardModel(self.model, tp=tensor_parallel, pp=pipeline_parallel,
+                                             sequence_parallel=sequence_parallel, dtype=dtype)
         self.model = self.model.to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id
         self.dtype = dtype

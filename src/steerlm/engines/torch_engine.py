@@ -194,15 +194,16 @@ def grad_sync_context(model: nn.Module, strategy: str, sync: bool):
 
 @contextlib.contextmanager
 def _sync_megatron_grads_after(model: nn.Module):
-    """engine=megatron: average the data-parallel replicas' gradients after the step's last backward."""
-    from .megatron.engine import sync_data_parallel_grads
+    """engine=megatron: TP partial sums and the data-parallel average after the step's last backward."""
+    from .megatron.engine import finish_grads
 
     yield
-    sync_data_parallel_grads(model)
+    finish_grads(model)
 
 
 def build_optimizer(params: Iterable[nn.Parameter], lr: float, weight_decay: float,
-                    betas: tuple[float, float], eps: float = 1e-8) -> torch.optim.Optimizer:
+                    betas: tuple[float, float], eps: float = 1e-8, *, distributed: bool = False) -> torch.optim.Optimizer:
+    """AdamW; `distributed` (engine=megatron): fp32 master weights, state sharded over the DP replicas."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
@@ -210,6 +211,10 @@ def build_optimizer(params: Iterable[nn.Parameter], lr: float, weight_decay: flo
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if distributed:
+        from .megatron.optimizer import DistributedAdamW
+
+        return DistributedAdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=eps)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=eps)
 
 

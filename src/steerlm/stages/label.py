@@ -114,7 +114,8 @@ def _run(cfg: DictConfig, info: te.DistInfo) -> dict:
     te.barrier()
     scorer = RewardScorer(cfg.rm, device=str(info.device), precision=cfg.engine.precision,
                           batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, over_length=cfg.over_length,
-                          tensor_parallel=getattr(info, "tp", None), pipeline_parallel=getattr(info, "pp", 1))
+                          tensor_parallel=getattr(info, "tp", None), pipeline_parallel=getattr(info, "pp", 1),
+                          sequence_parallel=getattr(info, "sequence_parallel", False))
     # under Megatron the TP and PP ranks of a replica score the same chunks together: one of them writes
     writer = getattr(info, "tp_rank", 0) == 0 and getattr(info, "pp_rank", 0) == 0
     specs = [OmegaConf.to_container(s, resolve=True) for s in cfg.input]
@@ -222,6 +223,7 @@ def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_st
                "padding_fraction": total.to_dict()["padding_fraction"], "wall_time_s": round(time.time() - t_start, 2),
                "peak_mem_mb": round(te.peak_memory_mb(info.device), 1), "world_size": info.world_size,
                "tensor_parallel": getattr(info, "tp", 1), "pipeline_parallel": getattr(info, "pp", 1),
+               "sequence_parallel": getattr(info, "sequence_parallel", False),
                "rm": str(cfg.rm), "trained_attributes": scorer.trained_attributes, "load": load_stats}
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out_dir / MANIFEST, json.dumps({"output": output.name, "sha256": digest,

@@ -80,7 +80,8 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         if info.pp > 1 and cfg.model.freeze_backbone:
             raise ConfigError("model.freeze_backbone caches one process's features: use engine.pipeline_parallel=1")
 
-        rm = MegatronRewardModel(rm, tp=info.tp, pp=info.pp, dtype=getattr(torch, cfg.model.dtype))
+        rm = MegatronRewardModel(rm, tp=info.tp, pp=info.pp, sequence_parallel=info.sequence_parallel,
+                                 dtype=getattr(torch, cfg.model.dtype))
     if cfg.model.freeze_backbone:
         rm.freeze_backbone()
     logger = MetricLogger(run_dir, is_main=info.is_main, wandb_cfg=cfg.logging.wandb,
@@ -91,7 +92,10 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     if frozen:  # one sharded pass over every input, then the head trains on cached features
         forward.cache = FeatureCache.build(forward, data, run_dir / "cache", cfg, logger)
 
-    optimizer = te.build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
+    optimizer = te.build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas),
+                                   distributed=strategy == "megatron" and bool(cfg.engine.get("distributed_optimizer", True)))
+    if hasattr(optimizer, "describe"):
+        print0(optimizer.describe())
     train_items = data["train_pairs"] if pair_objective else data["train"]
     lengths = [len(x["input_ids"]) if "input_ids" in x else len(x["chosen_ids"]) + len(x["rejected_ids"])
                for x in train_items]
@@ -180,6 +184,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         "feature_tokens_per_s": forward.cache.tokens_per_s if forward.cache else None,
         "peak_mem_mb": round(te.peak_memory_mb(info.device), 1), "world_size": info.world_size,
         "tensor_parallel": getattr(info, "tp", 1), "pipeline_parallel": getattr(info, "pp", 1),
+        "sequence_parallel": getattr(info, "sequence_parallel", False),
         "strategy": strategy, "frozen_backbone": frozen, "data": data["reports"],
     }
     if info.is_main:

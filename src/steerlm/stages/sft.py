@@ -72,7 +72,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     if cfg.packing and attn == "sdpa":  # per-conversation causal sdpa instead of a block-diagonal mask
         attn = packed_attention.register()
     model = load_causal_lm(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), attn_implementation=attn)
-    if cfg.model.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing and strategy != "megatron":  # Megatron: recompute, in megatron_policy
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora:
@@ -81,12 +81,15 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         model = megatron_policy(cfg, model, info)
     hf_model = model.hf_model if strategy == "megatron" else model
     model = te.wrap_model(model, strategy, info)
-    if cfg.packing:
+    if cfg.packing and strategy != "megatron":  # Megatron builds the block-diagonal mask itself (test_megatron)
         check_packing_support(model, info.device, tokenizer.pad_token_id)
     logger = MetricLogger(run_dir, is_main=info.is_main, wandb_cfg=cfg.logging.wandb,
                           config=OmegaConf.to_container(cfg, resolve=True))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = te.build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
+    optimizer = te.build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas),
+                                   distributed=strategy == "megatron" and bool(cfg.engine.get("distributed_optimizer", True)))
+    if hasattr(optimizer, "describe"):
+        print0(optimizer.describe())
     train = data["train"]
     G = cfg.train.global_batch_size
     steps_per_epoch = math.ceil(len(train) / G)
@@ -177,7 +180,8 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         "tokens": totals["tokens"], "trained_tokens": totals["trained"],
         "validation_loss": val_loss, "peak_mem_mb": round(te.peak_memory_mb(info.device), 1),
         "world_size": info.world_size, "tensor_parallel": getattr(info, "tp", 1),
-        "pipeline_parallel": getattr(info, "pp", 1), "strategy": strategy, "lora": lora,
+        "pipeline_parallel": getattr(info, "pp", 1), "sequence_parallel": getattr(info, "sequence_parallel", False),
+        "strategy": strategy, "lora": lora,
         "trainable_params": n_trainable,
         "steerable_attributes": data["steerable"], "data": data["reports"],
     }
@@ -199,15 +203,14 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
 
 # ===== Pieces ====================================================================================
 def megatron_policy(cfg: DictConfig, hf_model, info):
-    """engine=megatron: full fine-tune of padded rows (no LoRA, no packing, no gradient checkpointing yet)."""
+    """engine=megatron: full fine-tune of padded or packed rows; gradient checkpointing is Megatron's full-layer
+    recompute. LoRA is not built for Megatron's parallel layers yet."""
     from ..engines.megatron.causal_lm import MegatronCausalLM
 
-    unsupported = {"model.lora.enabled=false": cfg.model.lora.enabled, "packing=false": cfg.packing,
-                   "model.gradient_checkpointing=false": cfg.model.gradient_checkpointing}
-    needed = [k for k, bad in unsupported.items() if bad]
-    if needed:
-        raise ConfigError(f"engine=megatron SFT runs full fine-tunes of padded rows for now: set {', '.join(needed)}")
-    return MegatronCausalLM(hf_model, tp=info.tp, pp=info.pp, dtype=getattr(torch, cfg.model.dtype))
+    if cfg.model.lora.enabled:
+        raise ConfigError("engine=megatron SFT runs full fine-tunes for now: set model.lora.enabled=false")
+    return MegatronCausalLM(hf_model, tp=info.tp, pp=info.pp, sequence_parallel=info.sequence_parallel,
+                            recompute=bool(cfg.model.gradient_checkpointing), dtype=getattr(torch, cfg.model.dtype))
 
 
 def setup_data(cfg: DictConfig, schema, tokenizer, fmt: SFTFormat) -> dict:

@@ -10,10 +10,12 @@ from .model import MegatronWrapper, build_gpt, load_hf_state, pipeline_forward_b
 
 
 class MegatronCausalLM(MegatronWrapper):
-    def __init__(self, hf_model: nn.Module, *, tp: int, pp: int = 1, dtype: torch.dtype = torch.float32):
+    def __init__(self, hf_model: nn.Module, *, tp: int, pp: int = 1, sequence_parallel: bool = False,
+                 recompute: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.pipelined = pp > 1
-        self.gpt = build_gpt(hf_model.config, tp=tp, pp=pp, dtype=dtype)
+        self.gpt = build_gpt(hf_model.config, tp=tp, pp=pp, sequence_parallel=sequence_parallel, recompute=recompute,
+                             dtype=dtype)
         load_hf_state(self.gpt, hf_model.state_dict())
         self.keep_skeleton(hf_model)
 
@@ -34,7 +36,8 @@ class MegatronCausalLM(MegatronWrapper):
         mbs = []
         for b, scale in zip(batches, scales):
             labels, keep = self._targets(b)
-            mbs.append({"input_ids": b["input_ids"], "labels": labels, "keep": keep.float(), "scale": scale})
+            mbs.append({"input_ids": b["input_ids"], "labels": labels, "keep": keep.float(), "scale": scale,
+                        **({"position_ids": b["position_ids"]} if "position_ids" in b else {})})
 
         def loss_fn(nll, mb):
             total = (nll.float() * mb["keep"]).sum()  # padding: keep = 0
@@ -43,16 +46,15 @@ class MegatronCausalLM(MegatronWrapper):
         return pipeline_forward_backward(self.gpt, mbs, loss_fn, forward_only=forward_only)
 
     def finish_grads(self) -> None:
-        """After a pipelined backward: tied embedding grads summed across the first and last stage, then the
-        data-parallel average (what DDP's hooks do on the PP=1 path)."""
-        from .engine import sync_data_parallel_grads, sync_tied_embedding_grads
+        """After a pipelined backward: what DDP's hooks do on the PP=1 path, plus the tied-embedding sum."""
+        from .engine import finish_grads
 
-        sync_tied_embedding_grads(self.gpt)
-        sync_data_parallel_grads(self)
+        finish_grads(self)
 
     def next_token_nll(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Σ_t −log p(x_{t+1} | x_≤t) over the trained targets (`loss_mask`), and their count: the same contract
-        as `steerlm.losses.next_token_nll`. Rows are right-padded; attention is causal only."""
+        as `steerlm.losses.next_token_nll`. Rows are right-padded; packed rows (`position_ids`) attend within their
+        own sequence only."""
         labels, keep = self._targets(batch)
-        nll = token_nll(self.gpt, batch["input_ids"], labels).float()  # (B, S)
+        nll = token_nll(self.gpt, batch["input_ids"], labels, batch.get("position_ids")).float()  # (B, S)
         return (nll * keep).sum(), int(keep.sum())

@@ -26,6 +26,7 @@ class MegatronDistInfo(te.DistInfo):
     tp_rank: int = 0
     pp: int = 1
     pp_rank: int = 0
+    sequence_parallel: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -41,6 +42,7 @@ def distributed(engine_cfg):
     from .model import init_parallel
 
     tp, pp = int(engine_cfg.get("tensor_parallel", 1)), int(engine_cfg.get("pipeline_parallel", 1))
+    sp = bool(engine_cfg.get("sequence_parallel", False)) and tp > 1  # nothing to split at TP 1
     owned = not dist.is_initialized()
     if ps.model_parallel_is_initialized():  # left by someone else: this stage's TP x PP may differ
         ps.destroy_model_parallel()
@@ -49,7 +51,7 @@ def distributed(engine_cfg):
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     info = MegatronDistInfo(rank=ranks["dp_rank"], world_size=ranks["dp_size"], local_rank=local, device=device,
                             global_rank=dist.get_rank(), tp=tp, tp_rank=ranks["tp_rank"], pp=pp,
-                            pp_rank=ranks["pp_rank"])
+                            pp_rank=ranks["pp_rank"], sequence_parallel=sp)
     te.set_data_group(ps.get_data_parallel_group())
     try:
         yield info
@@ -60,26 +62,30 @@ def distributed(engine_cfg):
             te.shutdown_distributed()
 
 
-def sync_data_parallel_grads(model: torch.nn.Module, bucket_elements: int = 2 ** 26) -> None:
-    """Average gradients over the data-parallel replicas (what DDP does), in flat buckets of one dtype: few
-    collectives, and at most one bucket (64 Mi elements) of extra memory rather than a copy of every gradient."""
-    from megatron.core import parallel_state as ps
+def finish_grads(model: torch.nn.Module) -> None:
+    """After the step's last backward, what DDP's hooks and Megatron's finalize_model_grads do: tied embedding
+    copies summed across the first and last stage, partial gradients summed over the TP group, and the
+    data-parallel average. `model`: a stage wrapper (its GPTModel in `.gpt`) or a GPTModel."""
+    sync_tied_embedding_grads(getattr(model, "gpt", model))
+    sync_tensor_parallel_partial_grads(model)
+    sync_data_parallel_grads(model)
 
-    size = ps.get_data_parallel_world_size()
-    if size == 1:
-        return
-    group = ps.get_data_parallel_group()
+
+def _all_reduce_in_buckets(grads: list[torch.Tensor], group, scale: float = 1.0,
+                           bucket_elements: int = 2 ** 26) -> None:
+    """Sum `grads` over `group` (then multiply by `scale`) in flat buckets of one dtype: few collectives, and at
+    most one bucket (64 Mi elements) of extra memory rather than a copy of every gradient."""
 
     def flush(bucket: list[torch.Tensor]) -> None:
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat, group=group)
-        flat /= size
+        if scale != 1.0:
+            flat *= scale
         offset = 0
         for g in bucket:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
     for dtype in sorted({g.dtype for g in grads}, key=str):  # the same order on every rank
         bucket, n = [], 0
         for g in (g for g in grads if g.dtype == dtype):
@@ -90,6 +96,26 @@ def sync_data_parallel_grads(model: torch.nn.Module, bucket_elements: int = 2 **
                 bucket, n = [], 0
         if bucket:
             flush(bucket)
+
+
+def sync_data_parallel_grads(model: torch.nn.Module) -> None:
+    """Average gradients over the data-parallel replicas (what DDP does)."""
+    from megatron.core import parallel_state as ps
+
+    size = ps.get_data_parallel_world_size()
+    if size > 1:
+        _all_reduce_in_buckets([p.grad for p in model.parameters() if p.grad is not None],
+                               ps.get_data_parallel_group(), scale=1.0 / size)
+
+
+def sync_tensor_parallel_partial_grads(model: torch.nn.Module) -> None:
+    """Sum the gradients of replicated weights that each TP rank sees only part of (`tp_partial_grad`, set by
+    build_gpt: q/k norms, and every norm under sequence parallelism), so the TP copies stay equal."""
+    from megatron.core import parallel_state as ps
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None and getattr(p, "tp_partial_grad", False)]
+    if grads and ps.get_tensor_model_parallel_world_size() > 1:
+        _all_reduce_in_buckets(grads, ps.get_tensor_model_parallel_group())
 
 
 def sync_tied_embedding_grads(gpt) -> None:

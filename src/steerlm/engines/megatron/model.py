@@ -5,7 +5,16 @@ each rank holds 1/TP of every matrix and 1/PP of the layers. The model uses Mega
 (plain PyTorch attention and norms): transformer_engine is optional and not needed to run.
 
 Sequences are right-padded and attention is causal only, so every real token sees only real tokens; the RM
-reads the last real token and SFT's loss mask excludes the padding.
+reads the last real token and SFT's loss mask excludes the padding. Packed rows (several sequences per row,
+`position_ids` restarting at 0 for each) get a block-diagonal causal mask instead, so no token sees another
+sequence. Megatron's RoPE rotates by the row position (0..S-1) whatever `position_ids` say, and that is exact:
+RoPE scores depend only on the distance i − j between query and key, which is the same within a sequence
+whether it starts at 0 or at its offset in the row.
+
+Sequence parallelism (`sequence_parallel=True`, TP > 1) splits the activations outside the attention and MLP
+matmuls along the sequence over the TP ranks (Korthikanti et al. 2022): the norms run on 1/TP of the tokens, so
+their weights' gradients are per-rank partial sums (tagged here, summed in `engine.finish_grads`), and rows are
+padded to a multiple of TP.
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> dict:
 
 
 def transformer_config(hf_config, *, tp: int, pp: int, sequence_parallel: bool = False,
-                       dtype: torch.dtype = torch.float32):
+                       recompute: bool = False, dtype: torch.dtype = torch.float32):
     """Megatron's TransformerConfig for an HF Llama-family config. Fusions off: they need CUDA kernels (TE/apex)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -60,9 +69,6 @@ def transformer_config(hf_config, *, tp: int, pp: int, sequence_parallel: bool =
     s.check_parallel(tp, pp)
     if sequence_parallel and tp == 1:
         sequence_parallel = False  # nothing to split
-    if sequence_parallel:  # Megatron's local spec norms are torch's, which refuse sequence-parallel inputs
-        raise ConfigError("sequence_parallel needs transformer_engine's layer spec, which engine=megatron does not "
-                          "use yet (it builds the local spec); set sequence_parallel=false")
     return TransformerConfig(
         num_layers=s.layers, hidden_size=s.hidden, num_attention_heads=s.heads, num_query_groups=s.groups,
         kv_channels=s.head_dim, ffn_hidden_size=s.ffn, normalization="RMSNorm", layernorm_epsilon=hf_config.rms_norm_eps,
@@ -74,19 +80,37 @@ def transformer_config(hf_config, *, tp: int, pp: int, sequence_parallel: bool =
         masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
         gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
         attention_softmax_in_fp32=True,
+        # recompute: keep only each layer's input and rerun the layer in backward (gradient checkpointing)
+        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}),
         calculate_per_token_loss=True)  # the loss function divides by the global batch's token count itself
 
 
-def build_gpt(hf_config, *, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm, built from Megatron's norm arguments. Megatron's own torch-norm wrapper refuses sequence
+    parallelism, but RMSNorm is per token, so it runs unchanged on a sequence shard (Megatron's TE/apex norms
+    differ only in the kernel)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+
+
+def build_gpt(hf_config, *, tp: int = 1, pp: int = 1, sequence_parallel: bool = False, recompute: bool = False,
               dtype: torch.dtype = torch.float32):
     """The GPTModel stage of this rank (uninitialised weights: call `load_hf_state`)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     s = DecoderShape.from_hf(hf_config)
-    cfg = transformer_config(hf_config, tp=tp, pp=pp, sequence_parallel=sequence_parallel, dtype=dtype)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=s.qk_norm)
+    cfg = transformer_config(hf_config, tp=tp, pp=pp, sequence_parallel=sequence_parallel, recompute=recompute,
+                             dtype=dtype)
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=s.qk_norm)  # plain PyTorch attention
+    layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = RMSNorm
+    if s.qk_norm:
+        layer.submodules.self_attention.submodules.q_layernorm = RMSNorm
+        layer.submodules.self_attention.submodules.k_layernorm = RMSNorm
+    spec = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(cfg), layer_norm=RMSNorm)
     model = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=s.vocab,
                      max_sequence_length=hf_config.max_position_embeddings, position_embedding_type="rope",
                      share_embeddings_and_output_weights=s.tied, parallel_output=True,
@@ -98,6 +122,12 @@ def build_gpt(hf_config, *, tp: int = 1, pp: int = 1, sequence_parallel: bool = 
         if not hasattr(p, "tensor_model_parallel"):
             dim = partition_dim(name)
             p.tensor_model_parallel, p.partition_dim, p.partition_stride = dim is not None, -1 if dim is None else dim, 1
+        # replicated weights whose gradient each TP rank sees only part of: q/k norms are shared by all heads and
+        # a rank holds 1/TP of the heads; under sequence parallelism every norm sees 1/TP of the tokens. The true
+        # gradient is the sum over the TP group (engine.finish_grads; Megatron's finalize_model_grads does the same)
+        qk, norm = "q_layernorm" in name or "k_layernorm" in name, name.endswith("layernorm.weight")
+        p.tp_partial_grad = tp > 1 and (qk or (cfg.sequence_parallel and norm))
+        p.sequence_parallel = cfg.sequence_parallel and norm and not qk  # q/k norms run after the all-gather
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     model.hf_shape, model.hf_config = s, hf_config
@@ -216,16 +246,46 @@ def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
 
 
+def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) position ids that restart at 0 for each packed sequence -> (B, 1, S, S) bool, True where attention is
+    blocked (Megatron's convention): token i sees token j iff j ≤ i and both lie in the same sequence."""
+    seq = (position_ids == 0).cumsum(-1)  # which sequence of its row each token belongs to
+    S = position_ids.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=position_ids.device).tril()
+    return ~((seq[:, :, None] == seq[:, None, :]) & causal)[:, None]
+
+
+def sequence_multiple(model) -> int:
+    """Rows must be a multiple of this long: TP under sequence parallelism (the sequence is split over TP ranks)."""
+    return model.config.tensor_model_parallel_size if model.config.sequence_parallel else 1
+
+
+def gpt_forward(model, input_ids: torch.Tensor, *, labels: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, gather: bool = False) -> torch.Tensor:
+    """One single-stage (PP = 1) forward of right-padded (B, S) rows -> (B, S, ...) outputs: per-token −log p(labels)
+    with `labels` (Megatron's vocab-parallel cross entropy: no full-vocab gather), else logits of this rank's
+    vocabulary shard ((B, S, V) with gather=True), or hidden states for a model made by `as_hidden_state_model`.
+    `position_ids` (packed rows) switch the causal mask to the block-diagonal one. Rows are padded to a multiple
+    of `sequence_multiple` here and the outputs cut back."""
+    S = input_ids.shape[1]
+    extra = -S % sequence_multiple(model)
+    pad = lambda t: None if t is None else F.pad(t, (0, extra))
+    input_ids, labels, position_ids = pad(input_ids), pad(labels), pad(position_ids)
+    mask = None if position_ids is None else packed_attention_mask(position_ids)
+    out = model(input_ids=input_ids, position_ids=position_ids_for(input_ids) if position_ids is None else position_ids,
+                attention_mask=mask, labels=labels, runtime_gather_output=gather)
+    return out[:, :S]
+
+
 def forward_logits(model, input_ids: torch.Tensor, gather: bool = False) -> torch.Tensor:
-    """(B, S) ids -> (B, S, V/TP) logits of this rank's vocabulary shard ((B, S, V) with gather=True).
-    Single-stage (PP=1) only: pipeline stages run through `pipeline_forward_backward`."""
-    return model(input_ids=input_ids, position_ids=position_ids_for(input_ids), attention_mask=None,
-                 runtime_gather_output=gather)
+    """(B, S) ids -> (B, S, V/TP) logits of this rank's vocabulary shard ((B, S, V) with gather=True)."""
+    return gpt_forward(model, input_ids, gather=gather)
 
 
-def token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_nll(model, input_ids: torch.Tensor, labels: torch.Tensor,
+              position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token −log p(labels) (B, S) with Megatron's vocab-parallel cross entropy (no full-vocab gather)."""
-    return model(input_ids=input_ids, position_ids=position_ids_for(input_ids), attention_mask=None, labels=labels)
+    return gpt_forward(model, input_ids, labels=labels, position_ids=position_ids)
 
 
 class HiddenStates(torch.nn.Module):
@@ -251,8 +311,8 @@ def as_hidden_state_model(model):
 
 
 def pipeline_forward_backward(model, microbatches: list[dict], loss_fn, *, forward_only: bool = False) -> list[float]:
-    """Megatron's 1F1B schedule over `microbatches` (dicts holding `input_ids` (B, S), optional `labels`, and what
-    `loss_fn` reads). On the last stage `loss_fn(output, mb)` -> (the loss its backward sees, a value to report).
+    """Megatron's 1F1B schedule over `microbatches` (dicts holding `input_ids` (B, S), optional `labels` and
+    `position_ids` (packed rows), and what `loss_fn` reads). On the last stage `loss_fn(output, mb)` -> (the loss its backward sees, a value to report).
     Gradients accumulate in .grad. -> each micro-batch's reported value, on every rank of the pipeline.
 
     Activations travel between stages at one fixed shape, so every (B, S) tensor is right-padded with zeros to the
@@ -263,6 +323,7 @@ def pipeline_forward_backward(model, microbatches: list[dict], loss_fn, *, forwa
 
     B = max(mb["input_ids"].shape[0] for mb in microbatches)
     S = max(mb["input_ids"].shape[1] for mb in microbatches)
+    S += -S % sequence_multiple(model)
     pad = lambda t: torch.nn.functional.pad(t, (0, S - t.shape[1], 0, B - t.shape[0]))
     padded = [{**{k: pad(v) if torch.is_tensor(v) and v.shape == mb["input_ids"].shape else v for k, v in mb.items()},
                "rows": mb["input_ids"].shape[0]} for mb in microbatches]
@@ -274,8 +335,10 @@ def pipeline_forward_backward(model, microbatches: list[dict], loss_fn, *, forwa
 
     def step(data_iterator, model):
         mb = next(data_iterator)
-        out = model(input_ids=mb["input_ids"], position_ids=position_ids_for(mb["input_ids"]), attention_mask=None,
-                    labels=mb.get("labels"))
+        packed = mb.get("position_ids")  # packed rows: block-diagonal attention (padding: position 0, alone)
+        out = model(input_ids=mb["input_ids"], labels=mb.get("labels"),
+                    position_ids=position_ids_for(mb["input_ids"]) if packed is None else packed,
+                    attention_mask=None if packed is None else packed_attention_mask(packed))
         return out, lambda output: loss_with_report(output, mb)
 
     logs = get_forward_backward_func()(forward_step_func=step, data_iterator=iter(padded), model=[model],
@@ -288,5 +351,6 @@ def pipeline_forward_backward(model, microbatches: list[dict], loss_fn, *, forwa
 
 
 __all__ = ["MegatronWrapper", "pipeline_forward_backward", "export_hf", "init_parallel", "transformer_config",
-           "build_gpt", "load_hf_state", "gather_hf_state", "local_state", "forward_logits", "token_nll",
+           "build_gpt", "load_hf_state", "gather_hf_state", "local_state", "gpt_forward", "forward_logits", "token_nll",
+           "packed_attention_mask",
            "as_hidden_state_model", "layer_range"]

@@ -12,20 +12,22 @@ import torch
 from torch import nn
 
 from ...models.reward_model import AttributeRewardModel, last_token_index
-from .model import (MegatronWrapper, as_hidden_state_model, build_gpt, gather_hf_state, load_hf_state, local_state,
-                    pipeline_forward_backward)
+from .model import (MegatronWrapper, as_hidden_state_model, build_gpt, gather_hf_state, gpt_forward, load_hf_state,
+                    local_state, pipeline_forward_backward)
 
 
 class MegatronRewardModel(MegatronWrapper):
     """PP > 1: the backbone's layers are split over the stages and only the last stage's head is used (every stage
     holds a copy so the module tree is the same everywhere); `forward` and `pipeline_losses` run Megatron's schedule."""
-    def __init__(self, rm: AttributeRewardModel, *, tp: int, pp: int = 1, dtype: torch.dtype = torch.float32):
+    def __init__(self, rm: AttributeRewardModel, *, tp: int, pp: int = 1, sequence_parallel: bool = False,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.schema, self.head_name, self.pipelined = rm.schema, rm.head_name, pp > 1
         hf_state = {k: v for k, v in rm.hf_model.state_dict().items() if k.startswith("model.")}
         if len(hf_state) == 0:
             raise ValueError(f"{type(rm.hf_model).__name__}: expected the backbone under 'model.'")
-        self.gpt = as_hidden_state_model(build_gpt(rm.hf_model.config, tp=tp, pp=pp, dtype=dtype))
+        self.gpt = as_hidden_state_model(build_gpt(rm.hf_model.config, tp=tp, pp=pp,
+                                                   sequence_parallel=sequence_parallel, dtype=dtype))
         load_hf_state(self.gpt, hf_state)
         self.head = nn.Linear(rm.head.in_features, rm.head.out_features, bias=rm.head.bias is not None)
         self.head.load_state_dict(rm.head.state_dict())
@@ -37,8 +39,7 @@ class MegatronRewardModel(MegatronWrapper):
         so with right padding every real token sees exactly the real tokens before it."""
         if bool((attention_mask[:, 0] == 0).any()):
             raise ValueError("engine=megatron reads right-padded batches (a row starts with padding)")
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
-        hidden = self.gpt(input_ids=input_ids, position_ids=positions, attention_mask=None)  # (B, T, H)
+        hidden = gpt_forward(self.gpt, input_ids)  # (B, T, H)
         idx = last_token_index(attention_mask)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx].float()
 
@@ -83,9 +84,9 @@ class MegatronRewardModel(MegatronWrapper):
         return tensor
 
     def finish_grads(self) -> None:
-        from .engine import sync_data_parallel_grads
+        from .engine import finish_grads
 
-        sync_data_parallel_grads(self)
+        finish_grads(self)
 
     def freeze_backbone(self) -> None:
         for p in self.gpt.parameters():
