@@ -1,10 +1,12 @@
 """Slurm: the sbatch templates (slurm/<stage>.sbatch: srun + torchrun, c10d rendezvous), the job chain
 (slurm/pipeline.sh: --dependency=afterok) and the Hydra submitit sweep, on a real Slurm started here.
 
-The module fixture starts munged, slurmctld and slurmd on this host (Debian: apt-get install slurm-wlm munge),
+The module fixture starts munged, slurmctld and two slurmd on this host (Debian: apt-get install slurm-wlm munge),
 each in the foreground from a private directory with its own munge key, socket, ports, state and logs, and stops
-them at the end. Needs root (slurmd launches the jobs). Without the binaries or root the Slurm tests are skipped;
-with STEERLM_REQUIRE_SLURM=1 (CI) they fail instead.
+them at the end. The two slurmd (`slurmd -N <node>`, one port each: Debian's Slurm is built with multiple-slurmd
+support) make a two-node cluster on one host, so `sbatch --nodes=2` runs the templates' real multi-node path: one
+srun task (torchrun) per node, joined by the c10d rendezvous. Needs root (slurmd launches the jobs). Without the
+binaries or root the Slurm tests are skipped; with STEERLM_REQUIRE_SLURM=1 (CI) they fail instead.
 """
 
 from __future__ import annotations
@@ -53,11 +55,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Cluster:
-    """A one-node Slurm on this host: submit with `sbatch`, inspect with `job`, wait with `wait`."""
+def _second_node_name(first: str) -> str | None:
+    """A name for the second slurmd's node that resolves to this host, as _launch.sh's rendezvous needs: the job's
+    first node *name* is the c10d endpoint (on a real cluster node names are host names)."""
+    for name in ("localhost", "ip6-localhost", "ip6-loopback"):
+        if name == first:
+            continue
+        try:
+            addrs = {a[4][0] for a in socket.getaddrinfo(name, None)}
+        except OSError:
+            continue
+        if addrs and all(a.startswith("127.") or a == "::1" for a in addrs):
+            return name
+    return None
 
-    def __init__(self, root: Path, node: str, env: dict[str, str]):
-        self.root, self.node, self.env = root, node, env
+
+class Cluster:
+    """A Slurm of one or two nodes (two slurmd) on this host: submit with `sbatch`, inspect with `job`, wait with
+    `wait`."""
+
+    def __init__(self, root: Path, nodes: list[str], env: dict[str, str]):
+        self.root, self.nodes, self.env = root, nodes, env
         self.logs = root / "jobs"
 
     def cmd(self, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -72,6 +90,10 @@ class Cluster:
         out = self.cmd("sbatch", "--parsable", f"--job-name={name}", f"--output={self.logs}/%x-%j.out",
                        *sbatch_args, f"slurm/{script}.sbatch", *overrides, env=env).stdout
         return out.strip().split(";")[0]
+
+    def node_states(self) -> dict[str, str]:
+        out = self.cmd("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout
+        return dict(line.split() for line in out.strip().splitlines())
 
     def job(self, job_id: str) -> dict[str, str]:
         out = self.cmd("scontrol", "show", "job", "-o", job_id).stdout
@@ -99,23 +121,26 @@ class Cluster:
         assert not bad, f"jobs not COMPLETED 0:0: {bad}\n{self.log_tail()}"
 
 
-def _slurm_conf(root: Path, node: str, cpus: int, ctld_port: int, slurmd_port: int) -> str:
+def _slurm_conf(root: Path, host: str, nodes: dict[str, int], cpus: int, ctld_port: int) -> str:
+    """`nodes`: node name -> its slurmd's port. Every node is this host (NodeAddr 127.0.0.1, NodeHostname `host`);
+    the slurmd of each is `slurmd -N <name>`, with its own port, spool, pid file and log (%n: the node name)."""
+    node_lines = "\n".join(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} "
+                           "RealMemory=1000 State=UNKNOWN" for n, port in nodes.items())
     return f"""\
 ClusterName=steerlmtest
-SlurmctldHost={node}(127.0.0.1)
+SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root}/munge/munge.socket
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd.pid
+SlurmdPidFile={root}/run/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/linear
@@ -128,8 +153,8 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MinJobAge=3600
 SlurmdParameters=config_overrides
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -148,32 +173,38 @@ def slurm():
     key = root / "munge" / "munge.key"
     key.write_bytes(os.urandom(128))
     key.chmod(0o400)
-    node = socket.gethostname().split(".")[0]
+    host = socket.gethostname().split(".")[0]
+    nodes = [host] + [n for n in (_second_node_name(host),) if n]  # two slurmd when a second name resolves here
+    for n in nodes:
+        (root / "spool" / n).mkdir(mode=0o755)
+    # every node gets all of this host's CPUs: two busy nodes oversubscribe them (fine for the tiny runs here)
     cpus = len(os.sched_getaffinity(0))
     conf = root / "slurm.conf"
-    ctld_port = _free_port()
-    slurmd_port = next(p for p in iter(_free_port, None) if p != ctld_port)
-    conf.write_text(_slurm_conf(root, node, cpus, ctld_port, slurmd_port))
+    ports: list[int] = []
+    while len(ports) < 1 + len(nodes):
+        if (p := _free_port()) not in ports:
+            ports.append(p)
+    conf.write_text(_slurm_conf(root, host, dict(zip(nodes, ports[1:])), cpus, ports[0]))
     # the jobs inherit this environment (sbatch --export=ALL): no outer Slurm job's variables
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_"))}
     env.update(SLURM_CONF=str(conf), STEERLM_PYTHON=sys.executable, OMP_NUM_THREADS="1",
                PATH=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
     daemons: list[subprocess.Popen] = []
 
-    def start(*cmd: str) -> None:
-        with open(root / "log" / f"{Path(cmd[0]).name}.stdout", "w") as log:
+    def start(*cmd: str, name: str = "") -> None:
+        with open(root / "log" / f"{name or Path(cmd[0]).name}.stdout", "w") as log:
             daemons.append(subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True, cwd=root))
 
     def stop() -> None:
-        if len(daemons) == 3 and all(p.poll() is None for p in daemons):  # end any job left by a failed test first
+        if len(daemons) == 2 + len(nodes) and all(p.poll() is None for p in daemons):  # end jobs left by a failure
             try:
                 subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True, timeout=30)
                 _wait_for(lambda: not subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True,
                                                      timeout=30).stdout.strip(), 30, "the queue to empty", root)
             except (AssertionError, subprocess.SubprocessError):
                 pass
-        for p in reversed(daemons):  # slurmd, slurmctld, munged
+        for p in reversed(daemons):  # the slurmd, slurmctld, munged
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 try:
@@ -189,10 +220,10 @@ def slurm():
               f"--seed-file={root}/munge/munged.seed")
         _wait_for(lambda: (root / "munge" / "munge.socket").exists(), 20, "munged's socket", root)
         start(_find("slurmctld"), "-D", "-c", "-f", str(conf))
-        start(_find("slurmd"), "-D", "-N", node, "-f", str(conf))
-        cluster = Cluster(root, node, env)
-        _wait_for(lambda: cluster.cmd("sinfo", "-h", "-n", node, "-o", "%t", check=False).stdout.strip() == "idle",
-                  60, f"node {node} idle", root)
+        for n in nodes:
+            start(_find("slurmd"), "-D", "-N", n, "-f", str(conf), name=f"slurmd-{n}")
+        cluster = Cluster(root, nodes, env)
+        _wait_for(lambda: cluster.node_states() == {n: "idle" for n in nodes}, 60, f"nodes {nodes} idle", root)
         yield cluster
     finally:
         stop()
@@ -235,8 +266,35 @@ def test_reward_and_sft_jobs_run_two_ranks_under_torchrun(slurm, tiny_model_dir,
         name = info[job]["JobName"]
         log = (slurm.logs / f"{name}-{job}.out").read_text()
         assert f"recipe={recipe} nodes=1 nproc_per_node={NPROC} world_size={NPROC}" in log
-        assert re.search(rf"rdzv={re.escape(slurm.node)}:\d+", log), log[-2000:]
+        assert re.search(rf"rdzv={re.escape(info[job]['NodeList'])}:\d+", log), log[-2000:]
         assert f"world={NPROC}" in log, log[-3000:]  # the recipe's own start line: both ranks joined
+
+
+def test_a_two_node_job_forms_one_world_across_both_slurmd(slurm, tiny_model_dir, tmp_path):
+    """`sbatch --nodes=2`: _launch.sh starts one srun task per node (each slurmd launches one step task), each a
+    torchrun with NPROC gloo workers, and the c10d rendezvous on the first node joins them into one 2 x NPROC world."""
+    if len(slurm.nodes) < 2:
+        _unavailable("no second resolvable node name for a second slurmd on this host (localhost)")
+    rm_dir, world = tmp_path / "reward2n", 2 * NPROC
+    job = slurm.sbatch("train_reward", *tiny_reward_overrides(tiny_model_dir, rm_dir), name="t-reward-2n",
+                       sbatch_args=("--nodes=2",), env={"STEERLM_NPROC_PER_NODE": str(NPROC)})
+    info = slurm.wait(job)
+    slurm.assert_ok(info)
+
+    assert info[job]["NumNodes"] == "2", info[job]
+    nodes = slurm.cmd("scontrol", "show", "hostnames", info[job]["NodeList"]).stdout.split()
+    assert sorted(nodes) == sorted(slurm.nodes), info[job]
+    log = (slurm.logs / f"t-reward-2n-{job}.out").read_text()
+    assert f"recipe=train_reward nodes=2 nproc_per_node={NPROC} world_size={world}" in log, log[-3000:]
+    assert re.search(rf"rdzv={re.escape(nodes[0])}:\d+", log), log[-3000:]  # the endpoint: the job's first node
+    assert f"world={world}" in log, log[-3000:]  # the recipe's start line: all 2 x NPROC ranks in one group
+    for node in nodes:  # the job step (srun's torchrun) ran one task on each slurmd
+        slurmd_log = (slurm.root / "log" / f"slurmd-{node}.log").read_text()
+        assert f"launch task StepId={job}.0 " in slurmd_log, slurmd_log[-2000:]
+    summary = _summary(rm_dir)
+    assert summary["world_size"] == world and summary["strategy"] == "ddp", summary
+    assert (rm_dir / "model" / "model.safetensors").is_file()
+    assert (rm_dir / "model" / "steerlm_reward.json").is_file()
 
 
 # ===== the job chain =============================================================================
