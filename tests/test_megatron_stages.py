@@ -58,8 +58,9 @@ def torch_rm(tiny_model_dir, tmp_path_factory) -> Path:
 def test_reward_stage_tp2_equals_the_torch_engine(tiny_model_dir, torch_rm, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    for name, split in (("tp2", "engine.tensor_parallel=2"), ("pp2", "engine.pipeline_parallel=2")):
-        run_megatron("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / name, DATA), split)
+    for name, split in (("tp2", ["engine.tensor_parallel=2"]), ("pp2", ["engine.pipeline_parallel=2"]),
+                        ("tp2sp", ["engine.tensor_parallel=2", "engine.sequence_parallel=true"])):
+        run_megatron("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / name, DATA), *split)
         ref, got = curve(torch_rm), curve(tmp_path / name)
         assert len(ref) == len(got) == 4
         for (l1, g1), (l2, g2) in zip(ref, got):  # the norm sums every shard once and replicated weights once
@@ -73,6 +74,7 @@ def test_reward_stage_tp2_equals_the_torch_engine(tiny_model_dir, torch_rm, tmp_
             assert b["attributes"][attr]["mse"] == pytest.approx(m["mse"], rel=1e-3), name
     summary = json.loads((tmp_path / "tp2" / "summary.json").read_text())
     assert summary["strategy"] == "megatron" and summary["tensor_parallel"] == 2
+    assert json.loads((tmp_path / "tp2sp" / "summary.json").read_text())["sequence_parallel"] is True
 
 
 def test_scaled_bt_from_the_stage1_rm_tp2_equals_the_torch_engine(tiny_model_dir, torch_rm, tmp_path):
@@ -102,9 +104,11 @@ def test_label_stage_tp2_scores_like_the_torch_engine(torch_rm, tmp_path):
     run_recipe("label", *common, f"output_dir={tmp_path / 'torch'}")
     run_megatron("label", *common, f"output_dir={tmp_path / 'tp2'}", "engine.tensor_parallel=2")
     run_megatron("label", *common, f"output_dir={tmp_path / 'pp2'}", "engine.pipeline_parallel=2")
+    run_megatron("label", *common, f"output_dir={tmp_path / 'tp2sp'}", "engine.tensor_parallel=2",
+                 "engine.sequence_parallel=true")  # odd lengths: padded to a multiple of 2
     rows = {name: [json.loads(x) for x in (tmp_path / name / "labeled.jsonl").read_text().splitlines()]
-            for name in ("torch", "tp2", "pp2")}
-    for name in ("tp2", "pp2"):
+            for name in ("torch", "tp2", "pp2", "tp2sp")}
+    for name in ("tp2", "pp2", "tp2sp"):
         assert [r["id"] for r in rows["torch"]] == [r["id"] for r in rows[name]] and len(rows["torch"]) > 100
         diffs = [abs(a - b) for r1, r2 in zip(rows["torch"], rows[name]) for t1, t2 in zip(r1["turns"], r2["turns"])
                  if t1.get("scores") is not None for a, b in zip(t1["scores"].values(), t2["scores"].values())]
@@ -194,8 +198,9 @@ def test_megatron_refuses_what_it_does_not_run_yet(tiny_model_dir, tmp_path):
 
 
 def test_checkpoints_resume_at_another_tp_pp_split(tiny_model_dir, tmp_path):
-    """Checkpoints hold HF-named weights and AdamW moments: a run saved at TP 2 resumes at PP 2 (SFT) and one saved
-    at PP 2 resumes at TP 2 (reward, whose head lives on the last stage) onto the uninterrupted run's curve."""
+    """Checkpoints are one shard per rank; at another split they are re-sliced through the HF mapping: a run saved
+    at TP 2 resumes at PP 2 (SFT) and one saved at PP 2 resumes at TP 2 (reward, whose head lives on the last
+    stage) onto the uninterrupted run's curve."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     sft = [f"model.path={tiny_model_dir}", *SFT[:-4], "train.max_steps=4", "train.global_batch_size=8",
@@ -203,9 +208,14 @@ def test_checkpoints_resume_at_another_tp_pp_split(tiny_model_dir, tmp_path):
     rm = [*tiny_reward_overrides(tiny_model_dir, tmp_path / "unused", DATA), "train.save_every=2"]
     cases = [("train_sft", sft, "engine.tensor_parallel=2", "engine.pipeline_parallel=2", AutoModelForCausalLM),
              ("train_reward", rm, "engine.pipeline_parallel=2", "engine.tensor_parallel=2",
+              AutoModelForSequenceClassification),
+             # DP 2: the distributed optimizer's halves meet in replica 0's shard, then TP 2 re-slices them
+             ("train_sft", sft, "engine.tensor_parallel=1", "engine.tensor_parallel=2", AutoModelForCausalLM),
+             # the same split: each rank reads its own shard (the head: every stage's own copy)
+             ("train_reward", rm, "engine.pipeline_parallel=2", "engine.pipeline_parallel=2",
               AutoModelForSequenceClassification)]
-    for recipe, overrides, first, second, loader in cases:
-        full, resumed = tmp_path / f"{recipe}_full", tmp_path / f"{recipe}_resumed"
+    for k, (recipe, overrides, first, second, loader) in enumerate(cases):
+        full, resumed = tmp_path / f"{recipe}_{k}_full", tmp_path / f"{recipe}_{k}_resumed"
         run_megatron(recipe, *overrides, f"run_dir={full}", first)
         run_megatron(recipe, *overrides, f"run_dir={resumed}", second, f"resume={full / 'checkpoints' / 'step_00000002'}")
         ref, got = curve(full), curve(resumed)
@@ -219,6 +229,7 @@ def test_distributed_optimizer_shards_adamw_and_its_fp32_masters_keep_small_bf16
     over the 2 replicas, and a bf16 run resumes onto its own curve because the masters are checkpointed.
     Measured (10 steps): moved along the fp32 run's update 0.60 with masters vs 0.13 without; final loss 6.2460
     vs 6.2481 (fp32: 6.2443)."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     base = [f"model.path={tiny_model_dir}", *SFT[:6], "train.max_steps=10", "train.global_batch_size=8",
@@ -241,9 +252,13 @@ def test_distributed_optimizer_shards_adamw_and_its_fp32_masters_keep_small_bf16
     assert loss["fp32"] < loss["master"] < loss["plain"], loss
     # the fp32 masters are in the checkpoint (HF names), and resuming from step 4 continues the same curve
     ckpt = tmp_path / "master" / "checkpoints" / "step_00000004"
-    moments = torch.load(ckpt / "optimizer.pt", weights_only=True)["optimizer"]["moments"]
-    assert set(moments) == {"exp_avg", "exp_avg_sq", "master"}
-    assert moments["master"]["model.norm.weight"].dtype == torch.float32 and moments["master"].keys() == init.keys()
+    shard = load_file(str(ckpt / "shard_pp00_tp00.safetensors"))  # replica 0 wrote it, holding both halves' state
+    kinds = {k.split("/")[0] for k in shard}
+    assert kinds == {"weight", "exp_avg", "exp_avg_sq", "master"}, kinds
+    names = {kind: {k.split("/", 1)[1] for k in shard if k.startswith(f"{kind}/")} for kind in kinds}
+    assert all(names[kind] == names["weight"] for kind in kinds) and len(names["weight"]) > 6
+    norm = "decoder.final_layernorm.weight"
+    assert shard[f"master/{norm}"].dtype == torch.float32 and shard[f"weight/{norm}"].dtype == torch.bfloat16
     run_megatron("train_sft", *base, *runs["master"], f"run_dir={tmp_path / 'resumed'}", f"resume={ckpt}")
     assert [round(x, 6) for x, _ in curve(tmp_path / "resumed")] == [round(x, 6) for x, _ in curve(tmp_path / "master")[4:]]
 

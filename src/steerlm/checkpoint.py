@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,11 +28,16 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 
 
+def staging_dir(final: str | os.PathLike) -> Path:
+    """Where `atomic_directory(final)` stages its files (other ranks may write there while it is open)."""
+    return Path(final).with_name(Path(final).name + ".tmp")
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp dir next to `final`; on success replace `final` with it."""
     final = Path(final)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = staging_dir(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -104,12 +109,19 @@ def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
 
 
-def save_training_state(run_dir: str | os.PathLike, step: int, *, model_state: dict[str, torch.Tensor],
-                        optimizer_state: dict, state: dict, keep_last: int = 2) -> Path:
-    """Write one resumable checkpoint, then point `latest` at it and prune old ones."""
+def save_training_state(run_dir: str | os.PathLike, step: int, *, model_state: Optional[dict[str, torch.Tensor]],
+                        optimizer_state: dict, state: dict, keep_last: int = 2, files: Optional[dict] = None,
+                        write_more: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write one resumable checkpoint, then point `latest` at it and prune old ones. `model_state` None: the
+    weights are in `write_more`'s files (engine=megatron's shards); `files`: more {name: text}."""
     final = step_dir(run_dir, step)
     with atomic_directory(final) as tmp:
-        save_file(_unshare(model_state), str(tmp / "model.safetensors"))
+        if model_state is not None:
+            save_file(_unshare(model_state), str(tmp / "model.safetensors"))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        if write_more is not None:
+            write_more(tmp)
         torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    tmp / "optimizer.pt")
@@ -140,7 +152,7 @@ def find_latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
 def load_training_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """-> (model_state, optimizer_state, state). Restores the torch RNG as a side effect."""
     path = Path(path)
-    model_state = load_file(str(path / "model.safetensors"))
+    model_state = load_file(str(path / "model.safetensors")) if (path / "model.safetensors").exists() else {}
     blob = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     torch.set_rng_state(blob["torch_rng"])
     if torch.cuda.is_available() and blob["cuda_rng"]:

@@ -311,10 +311,6 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    if getattr(model, "is_megatron", False):  # HF-named AdamW moments on global rank 0: resumable at any TP x PP
-        from .megatron.checkpoint import optimizer_state
-
-        return optimizer_state(model, optimizer)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -322,13 +318,6 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 def load_full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
                     model_state: dict, optimizer_state: Optional[dict], strict: bool = True) -> None:
-    if getattr(model, "is_megatron", False):
-        from .megatron.checkpoint import load_model_state, load_optimizer_state
-
-        load_model_state(model, model_state)
-        if optimizer is not None and optimizer_state is not None:
-            load_optimizer_state(model, optimizer, optimizer_state)
-        return
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 

@@ -81,7 +81,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         model = megatron_policy(cfg, model, info)
     hf_model = model.hf_model if strategy == "megatron" else model
     model = te.wrap_model(model, strategy, info)
-    if cfg.packing and strategy != "megatron":  # Megatron builds the block-diagonal mask itself (test_megatron)
+    if cfg.packing and strategy != "megatron":  # Megatron builds the block-diagonal mask itself (test_megatron_stages)
         check_packing_support(model, info.device, tokenizer.pad_token_id)
     logger = MetricLogger(run_dir, is_main=info.is_main, wandb_cfg=cfg.logging.wandb,
                           config=OmegaConf.to_container(cfg, resolve=True))

@@ -55,7 +55,12 @@ def maybe_resume(resume, run_dir: Path, model, optimizer, scheduler, *, strict: 
     if latest is None:
         return 0, 0, 0
     model_state, optim_state, state = ckpt.load_training_state(latest)
-    te.load_full_state(model, optimizer, model_state, optim_state, strict=strict)
+    if getattr(model, "is_megatron", False):  # sharded: each rank reads its own part, or re-slices at a new split
+        from ..engines.megatron.checkpoint import load_checkpoint
+
+        load_checkpoint(latest, model, optimizer)
+    else:
+        te.load_full_state(model, optimizer, model_state, optim_state, strict=strict)
     scheduler.load_state_dict(state["scheduler"])
     print0(f"resumed from {latest} at step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
     return state["step"], state["epoch"], state["batch_in_epoch"]
@@ -66,13 +71,18 @@ def save_state(run_dir: Path, step: int, model, optimizer, scheduler, *, epoch: 
     """A resumable checkpoint. `trainable_only`: the frozen rest is the base model itself (LoRA, frozen backbone)."""
     if next_batch >= n_batches:
         epoch, next_batch = epoch + 1, 0
+    state = {"epoch": epoch, "batch_in_epoch": next_batch, "scheduler": scheduler.state_dict()}
+    if getattr(model, "is_megatron", False):  # every rank writes its own shard: nothing is gathered
+        from ..engines.megatron.checkpoint import save_checkpoint
+
+        save_checkpoint(run_dir, step, model, optimizer, state=state, keep_last=keep_last)
+        return
     model_state = te.full_model_state(model)  # collective under FSDP2: every rank calls it
-    if trainable_only and not getattr(model, "is_megatron", False):  # Megatron saves HF names: the whole model
+    if trainable_only:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         model_state = {k: v for k, v in model_state.items() if k in trainable}
     optim_state = te.full_optimizer_state(model, optimizer)
     if info.is_main:
-        ckpt.save_training_state(run_dir, step, model_state=model_state, optimizer_state=optim_state,
-                                 state={"epoch": epoch, "batch_in_epoch": next_batch, "scheduler": scheduler.state_dict()},
+        ckpt.save_training_state(run_dir, step, model_state=model_state, optimizer_state=optim_state, state=state,
                                  keep_last=keep_last)
     te.barrier()

@@ -1,19 +1,39 @@
-"""Resumable training state for engine=megatron, stored in HF layout so a run saved at one TP x PP split resumes
-at any other.
+"""Resumable training state for engine=megatron: one shard file per (PP, TP) rank, resumable at any split.
 
-Weights and AdamW's two moments (exp_avg, exp_avg_sq: tensors shaped like their parameter; with the distributed
-optimizer also its fp32 master weights) are gathered through the same HF <-> Megatron mapping as the weights, so
-`checkpoints/step_N/` holds the HF state dict plus HF-named moments. Resuming slices them back for this rank.
-Written by global rank 0 (`training.save_state`).
+    checkpoints/step_N/
+        shard_pp00_tp00.safetensors   that rank's tensors in Megatron names: "weight/<name>", "exp_avg/<name>",
+        shard_pp00_tp01.safetensors   "exp_avg_sq/<name>" and, with bf16 weights, the fp32 "master/<name>"
+        ...                           (the RM head: "<kind>/head.<name>")
+        megatron.json                 the split, the model shape, AdamW's step and param groups
+        optimizer.pt, state.json      RNG, scheduler, epoch and batch (as the torch engine's checkpoints)
+
+Data-parallel replica 0 writes its shards (the distributed optimizer first sends every owner's share there),
+so no rank ever holds more than its own slice: a 70B model's weights, moments and masters (~1 TB) never meet
+in one process. `run_dir` must be on a filesystem every node sees. Resuming at the same split reads one
+file per rank; at another split, every rank reads all shards once and re-slices them through the HF mapping
+(convert.py), which holds the whole model in each rank's CPU memory for that moment.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
-from .convert import hf_to_megatron
+from ... import checkpoint as ckpt
+from ...errors import ConfigError
+from .convert import hf_to_megatron, megatron_to_hf
+from .model import _tensors
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
+LAYOUT = "megatron.json"
+KINDS = ("weight", "exp_avg", "exp_avg_sq", "master")
+
+
+def shard_name(pp_rank: int, tp_rank: int) -> str:
+    return f"shard_pp{pp_rank:02d}_tp{tp_rank:02d}.safetensors"
 
 
 def _distributed(optimizer) -> bool:
@@ -22,66 +42,119 @@ def _distributed(optimizer) -> bool:
     return isinstance(optimizer, DistributedAdamW)
 
 
-def optimizer_state(model, optimizer: torch.optim.Optimizer) -> dict:
-    """-> {"step", "param_groups", "moments": {exp_avg: {hf name: tensor}, ...}} on global rank 0 ({} elsewhere);
-    collective. The distributed optimizer first brings every owner's state to DP rank 0 and adds its fp32 master
-    weights as a third entry, "master". `model` is a MegatronWrapper: it names its own extra parameters (the RM
-    head) via `extra_params`."""
-    named, extra = dict(model.gpt.named_parameters()), model.extra_params()
-    if _distributed(optimizer):
-        state = optimizer.consolidated_state([*named.values(), *extra.values()])  # on DP rank 0
-        keys = (*MOMENTS, "master") if optimizer.has_master else MOMENTS
-        trained = [n for n, p in named.items() if p in optimizer.owner]  # the same on every rank
-    else:
-        state, keys = optimizer.state, MOMENTS
-        trained = [n for n, p in named.items() if p in state]
-    steps = [int(st["step"]) for st in state.values() if "step" in st]
-    step = max(steps) if steps else 0
-    # the groups' hyper-parameters: lr is the scheduler's current value, which LambdaLR.load_state_dict does not set
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    out = {"step": step, "param_groups": groups, "moments": {}}
-    for key in keys:
-        local = {n: state[named[n]][key] for n in trained if named[n] in state}
-        backbone = model.gather_state(local) if trained else {}  # a frozen backbone has no moments
-        head = {n: state[p][key] for n, p in extra.items() if p in state}
-        out["moments"][key] = {**(backbone or {}), **model.extra_state(head)}
-    return out if torch.distributed.get_rank() == 0 else {}
+def _params(model) -> dict[str, torch.nn.Parameter]:
+    return {**dict(model.gpt.named_parameters()), **model.extra_params()}
 
 
-def load_optimizer_state(model, optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Slice HF-named moments (and fp32 masters, when saved) back onto this rank's parameters (any TP x PP split;
-    the distributed optimizer keeps its own share)."""
+def local_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], int]:
+    """This rank's weights and optimizer state as "<kind>/<name>" CPU tensors, and AdamW's step; collective over
+    DP (the distributed optimizer's consolidation). Only DP rank 0's result is complete."""
+    params = _params(model)
+    state = optimizer.consolidated_state(list(params.values())) if _distributed(optimizer) else optimizer.state
+    out = {f"weight/{n}": t for n, t in _tensors(model.gpt).items()}  # state-dict names, as load_hf_state's
+    out.update({f"weight/{n}": p for n, p in model.extra_params().items()})
+    steps = [0]
+    for n, p in params.items():
+        for kind, t in state.get(p, {}).items():
+            if kind == "step":
+                steps.append(int(t))
+            elif kind in KINDS:
+                out[f"{kind}/{n}"] = t
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}, max(steps)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, *, state: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. DP replica 0's ranks write their shards into the staging directory that
+    global rank 0 commits (renames into place, points `latest` at, prunes), so the step is complete or absent."""
     from megatron.core import parallel_state as ps
 
-    gpt = model.gpt
-    step = torch.tensor(float(saved["step"]))
-    per_key = {}
-    for key in saved["moments"]:
-        hf = model.backbone_part(saved["moments"][key])
-        local = hf_to_megatron(hf, gpt.hf_shape, ps.get_tensor_model_parallel_world_size(),
-                               ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
-                               ps.get_pipeline_model_parallel_rank()) if hf else {}
-        local.update(model.extra_part(saved["moments"][key]))
-        per_key[key] = local
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+    tensors, adam_step = local_tensors(model, optimizer)
+    writer = ps.get_data_parallel_rank() == 0
+    name = shard_name(ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
+    final = ckpt.step_dir(run_dir, step)
+
+    def write_shards(staging: Path) -> None:  # inside the staging directory's lifetime, on every rank
+        dist.barrier()  # staging exists
+        if writer:
+            save_file(tensors, str(staging / name))
+        dist.barrier()  # every shard written
+
+    if dist.get_rank() != 0:
+        write_shards(ckpt.staging_dir(final))
+        dist.barrier()  # rank 0 committed
+        return final
+    layout = {"tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+              "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(), "step": adam_step,
+              "distributed_optimizer": _distributed(optimizer),
+              "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}
+    ckpt.save_training_state(run_dir, step, model_state=None, optimizer_state={"format": "megatron-sharded"},
+                             state=state, keep_last=keep_last, files={LAYOUT: json.dumps(layout, indent=1)},
+                             write_more=write_shards)
+    dist.barrier()
+    return final
+
+
+def _reshard(path: Path, layout: dict, model) -> dict[str, dict[str, torch.Tensor]]:
+    """Every saved shard -> HF names -> this rank's slices, per kind ({kind: {name: tensor}})."""
+    from megatron.core import parallel_state as ps
+
+    spp, stp = layout["pipeline_parallel"], layout["tensor_parallel"]
+    saved = {(p, t): load_file(str(path / shard_name(p, t))) for p in range(spp) for t in range(stp)}
+    shape = model.gpt.hf_shape
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for kind in KINDS:
+        prefix = f"{kind}/"
+        shards = {pt: {k[len(prefix):]: v for k, v in f.items() if k.startswith(prefix) and not
+                       k[len(prefix):].startswith("head.")} for pt, f in saved.items()}
+        # the head's trained copy lives on the last stage
+        head = {k[len(prefix):]: v for k, v in saved[(spp - 1, 0)].items() if k.startswith(prefix + "head.")}
+        mine = {}
+        if any(shards.values()):  # a frozen backbone has no moments
+            hf = megatron_to_hf(shards, shape, stp, spp)
+            mine = hf_to_megatron(hf, shape, ps.get_tensor_model_parallel_world_size(),
+                                  ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
+                                  ps.get_pipeline_model_parallel_rank())
+        if mine or head:
+            out[kind] = {**mine, **head}
+    return out
+
+
+def load_checkpoint(path: Path, model, optimizer) -> None:
+    """Weights, AdamW moments and fp32 masters from a sharded checkpoint onto this rank (any TP x PP split)."""
+    from megatron.core import parallel_state as ps
+
+    path = Path(path)
+    if not (path / LAYOUT).exists():
+        raise ConfigError(f"{path}: not an engine=megatron checkpoint (no {LAYOUT}); resume it with the engine that "
+                          "wrote it")
+    layout = json.loads((path / LAYOUT).read_text())
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    if (layout["tensor_parallel"], layout["pipeline_parallel"]) == (tp, pp):  # one file: this rank's own
+        f = load_file(str(path / shard_name(ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())))
+        per_kind: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in f.items():
+            kind, name = k.split("/", 1)
+            per_kind.setdefault(kind, {})[name] = v
+    else:
+        per_kind = _reshard(path, layout, model)
+    weights = per_kind.get("weight", {})
+    own = {**_tensors(model.gpt), **model.extra_params()}
+    missing = sorted(set(own) - set(weights))
+    if missing:
+        raise ConfigError(f"{path}: the checkpoint lacks weights for {missing[:5]} (another model?)")
+    with torch.no_grad():
+        for n, t in own.items():
+            if t.shape != weights[n].shape:
+                raise ConfigError(f"{path}: {n} is {tuple(weights[n].shape)}, the model expects {tuple(t.shape)}")
+            t.copy_(weights[n])
+    for group, saved_group in zip(optimizer.param_groups, layout["param_groups"]):
         group.update(saved_group)
-    per_param = {p: {"step": step.clone(), **{k: v[name] for k, v in per_key.items()}}
-                 for name, p in {**dict(gpt.named_parameters()), **model.extra_params()}.items()
-                 if p.requires_grad and name in per_key["exp_avg"]}
+    step = torch.tensor(float(layout["step"]))
+    per_param = {p: {"step": step.clone(), **{k: per_kind[k][n] for k in KINDS[1:] if n in per_kind.get(k, {})}}
+                 for n, p in _params(model).items() if p.requires_grad and n in per_kind.get("exp_avg", {})}
     if _distributed(optimizer):
         optimizer.load_consolidated_state(per_param)
         return
     for p, st in per_param.items():
         optimizer.state[p] = {"step": st["step"], **{k: st[k].to(device=p.device, dtype=p.dtype).clone()
-                                                     for k in MOMENTS}}
-
-
-def load_model_state(model, state: dict[str, torch.Tensor]) -> None:
-    from .model import load_hf_state
-
-    load_hf_state(model.gpt, model.backbone_part(state))
-    extra = model.extra_part(state)
-    with torch.no_grad():
-        for name, p in model.extra_params().items():
-            if name in extra:
-                p.copy_(extra[name].to(p.dtype))
+                                                     for k in ("exp_avg", "exp_avg_sq")}}

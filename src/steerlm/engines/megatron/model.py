@@ -162,16 +162,15 @@ def local_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in _tensors(model).items()}
 
 
-def gather_hf_state(model, local: Optional[dict[str, torch.Tensor]] = None) -> Optional[dict[str, torch.Tensor]]:
+def gather_hf_state(model) -> Optional[dict[str, torch.Tensor]]:
     """Every rank's shards -> the HF state dict on global rank 0 (None elsewhere). Holds the full model in rank 0's
-    CPU memory: fine up to tens of GB; for 70B prefer Megatron's distributed checkpoint plus an offline export.
-    `local`: tensors laid out like this rank's parameters (default: the parameters; e.g. AdamW's moments)."""
+    CPU memory: the export of the final model (2 bytes per parameter in bf16); resumable checkpoints are written
+    per rank instead (checkpoint.py)."""
     from megatron.core import parallel_state as ps
 
     key = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
     is_dp0 = ps.get_data_parallel_rank() == 0
-    local = local_state(model) if local is None else {k: v.detach().cpu() for k, v in local.items()}
-    mine = (key, local) if is_dp0 else None  # data-parallel replicas are identical: send one
+    mine = (key, local_state(model)) if is_dp0 else None  # data-parallel replicas are identical: send one
     world = torch.distributed.get_world_size()
     gathered = [None] * world if torch.distributed.get_rank() == 0 else None
     torch.distributed.gather_object(mine, gathered, dst=0)
@@ -220,26 +219,13 @@ class MegatronWrapper(torch.nn.Module):
     def config(self):
         return self.hf_model.config
 
-    # --- what engines/megatron/checkpoint.py needs; the RM adds its head, with AttributeRewardModel's key names
-    def gather_state(self, local: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
-        """Tensors laid out like this rank's GPTModel parameters -> HF-named on global rank 0 (None elsewhere)."""
-        return gather_hf_state(self.gpt, local)
-
     def extra_params(self) -> dict[str, torch.nn.Parameter]:
-        return {}
-
-    def extra_state(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {}
-
-    def backbone_part(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(state)
-
-    def extra_part(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Parameters outside the GPTModel (the RM head), by name: checkpoint.py saves them with the shards."""
         return {}
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """The HF state dict on global rank 0 ({} elsewhere); collective."""
-        return self.gather_state(local_state(self.gpt)) or {}
+        return gather_hf_state(self.gpt) or {}
 
 
 def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
@@ -299,7 +285,9 @@ class HiddenStates(torch.nn.Module):
     def forward(self, hidden, weight=None, runtime_gather_output=None):
         if self.sequence_parallel:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-            hidden = gather_from_sequence_parallel_region(hidden)
+            # every TP rank then computes the same loss with the replicated head, so the backward takes this
+            # rank's slice of the (identical) gradient; the default reduce-scatter would sum TP copies of it
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         return hidden, None
 
 

@@ -5,6 +5,7 @@ Memory per parameter for a bf16 model, of which this optimizer holds the 12 byte
 
     plain AdamW on bf16 weights      2 (weights) + 2 (grads) + 4 (two bf16 moments)      =  8 bytes, no master copy
     this, DP replicas = N            2 + 2 + (4 master + 4 exp_avg + 4 exp_avg_sq) / N  =  4 + 12/N bytes
+                                     (+ 4/N during the step: fp32 copies of the owned gradients)
 
 Each parameter (this rank's TP/PP shard of it) is owned by one DP rank, assigned greedily by size so the
 ranks hold about the same number of elements. A step: the gradients are already averaged over DP (engine.
@@ -58,6 +59,9 @@ class DistributedAdamW(torch.optim.Optimizer):
         return (f"distributed optimizer: AdamW state for {self.held_elements:,} of {self.total_elements:,} "
                 f"parameters on this rank ({replicas}), {copies}")
 
+    def state_dict(self):
+        raise NotImplementedError("DistributedAdamW's state is sharded: save it with engines/megatron/checkpoint.py")
+
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "DistributedAdamW.step takes no closure"
@@ -100,8 +104,9 @@ class DistributedAdamW(torch.optim.Optimizer):
         over DP. One tensor in flight at a time: no rank holds more than its own share plus one parameter."""
         out = {}
         keys = (*STATE_KEYS, "master") if self.has_master else STATE_KEYS
+        device = next(iter(self.owner)).device  # nccl reduces only CUDA tensors
         step = torch.tensor([max([float(self.inner.state[m]["step"]) for m in self.master.values()
-                                  if "step" in self.inner.state.get(m, {})], default=0.0)], dtype=torch.float64)
+                                  if "step" in self.inner.state.get(m, {})], default=0.0)], device=device)
         if self.dp_size > 1:
             dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.dp_group)
         for p in params:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ...models.reward_model import AttributeRewardModel, last_token_index
 from .model import (MegatronWrapper, as_hidden_state_model, build_gpt, gather_hf_state, gpt_forward, load_hf_state,
-                    local_state, pipeline_forward_backward)
+                    pipeline_forward_backward)
 
 
 class MegatronRewardModel(MegatronWrapper):
@@ -92,36 +92,17 @@ class MegatronRewardModel(MegatronWrapper):
         for p in self.gpt.parameters():
             p.requires_grad_(False)
 
-    # --- checkpoint layout: AttributeRewardModel's names, `hf_model.model.*` (backbone) and `hf_model.<head>.*`
-    PREFIX = "hf_model."
-
-    def gather_state(self, local):
-        backbone = gather_hf_state(self.gpt, local)
-        return None if backbone is None else {self.PREFIX + k: v for k, v in backbone.items()}
-
     def extra_params(self):
         return {f"head.{k}": p for k, p in self.head.named_parameters()}
 
-    def extra_state(self, local):
-        """Head tensors (weights or moments) -> HF names. PP: the trained head is the last stage's (collective)."""
-        out = {}
-        for name, p in self.extra_params().items():
-            t = local.get(name)
-            if self.pipelined:
-                t = self._from_last_stage(None if t is None else t.detach().float().contiguous().clone(), p.shape)
-            if t is not None:
-                out[f"{self.PREFIX}{self.head_name}.{name.split('.', 1)[1]}"] = t.detach().cpu()
-        return out
-
-    def backbone_part(self, state):
-        return {k[len(self.PREFIX):]: v for k, v in state.items() if k.startswith(self.PREFIX + "model.")}
-
-    def extra_part(self, state):
-        head = f"{self.PREFIX}{self.head_name}."
-        return {"head." + k[len(head):]: v for k, v in state.items() if k.startswith(head)}
-
     def full_state(self) -> dict[str, torch.Tensor]:
-        """The HF state dict with AttributeRewardModel's key names on global rank 0, {} elsewhere; collective."""
-        head = self.extra_state({n: p for n, p in self.extra_params().items()})
-        backbone = self.gather_state(local_state(self.gpt))
-        return {} if backbone is None else {**backbone, **head}
+        """The HF state dict with AttributeRewardModel's key names (`hf_model.model.*` for the backbone,
+        `hf_model.<head>.*`) on global rank 0, {} elsewhere; collective. PP: the trained head is the last stage's."""
+        head = {}
+        for name, p in self.head.named_parameters():
+            t = p.detach().float().contiguous().clone()
+            if self.pipelined:
+                t = self._from_last_stage(t, p.shape)
+            head[f"hf_model.{self.head_name}.{name}"] = t.cpu()
+        backbone = gather_hf_state(self.gpt)
+        return {} if backbone is None else {**{"hf_model." + k: v for k, v in backbone.items()}, **head}
