@@ -192,9 +192,28 @@ def test_megatron_refuses_what_it_does_not_run_yet(tiny_model_dir, tmp_path):
                         procs=1, check=False)  # LoRA (the default)
     assert proc.returncode == 2
     assert "engine=megatron SFT runs full fine-tunes for now: set model.lora.enabled=false" in proc.stderr
-    proc = run_megatron("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "pp"), "model.freeze_backbone=true",
-                        "engine.pipeline_parallel=2", check=False)
-    assert proc.returncode != 0 and "model.freeze_backbone caches one process's features" in proc.stderr
+
+
+def test_frozen_backbone_rm_at_pp2_equals_the_torch_engine(tiny_model_dir, tmp_path):
+    """A frozen backbone split over 2 stages: the features go through the schedule (forward only) and are broadcast
+    from the last stage, then every stage trains the same head on them: the torch engine's curve and metrics."""
+    from transformers import AutoModelForSequenceClassification
+
+    frozen = ["model.freeze_backbone=true", "optim.lr=1e-2"]
+    run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "torch", DATA), *frozen)
+    run_megatron("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "pp2", DATA), *frozen,
+                 "engine.pipeline_parallel=2")
+    ref, got = curve(tmp_path / "torch"), curve(tmp_path / "pp2")
+    assert len(ref) == len(got) == 4 and ref[-1][0] < ref[0][0]
+    for (l1, g1), (l2, g2) in zip(ref, got):
+        assert l2 == pytest.approx(l1, rel=1e-5) and g2 == pytest.approx(g1, rel=1e-4)
+    same_weights(tmp_path / "torch" / "model", tmp_path / "pp2" / "model",
+                 AutoModelForSequenceClassification.from_pretrained, atol=1e-5)
+    a, b = (json.loads((tmp_path / d / "eval_metrics.json").read_text()) for d in ("torch", "pp2"))
+    for attr, m in a["attributes"].items():
+        assert b["attributes"][attr]["mse"] == pytest.approx(m["mse"], rel=1e-4)
+    summary = json.loads((tmp_path / "pp2" / "summary.json").read_text())
+    assert summary["frozen_backbone"] is True and summary["pipeline_parallel"] == 2
 
 
 def test_checkpoints_resume_at_another_tp_pp_split(tiny_model_dir, tmp_path):

@@ -77,9 +77,6 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     if strategy == "megatron":  # TP-sharded backbone, same head and export (engines/megatron/reward_model.py)
         from ..engines.megatron.reward_model import MegatronRewardModel
 
-        if info.pp > 1 and cfg.model.freeze_backbone:
-            raise ConfigError("model.freeze_backbone caches one process's features: use engine.pipeline_parallel=1")
-
         rm = MegatronRewardModel(rm, tp=info.tp, pp=info.pp, sequence_parallel=info.sequence_parallel,
                                  dtype=getattr(torch, cfg.model.dtype))
     if cfg.model.freeze_backbone:
@@ -117,7 +114,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     mbs = cfg.train.micro_batch_size
     bar = tqdm(total=total_steps, initial=step, desc="reward", disable=not info.is_main, dynamic_ncols=True)
     t_train, tokens_seen = time.time(), 0
-    pipelined = getattr(model, "pipelined", False)
+    pipelined = getattr(model, "pipelined", False) and not frozen  # frozen: the head trains on cached features
     while step < total_steps:
         batches = global_batches(lengths, G, seed=cfg.seed, epoch=epoch, group_by_length=cfg.train.group_by_length)
         for b in range(start_batch, len(batches)):

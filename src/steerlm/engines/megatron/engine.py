@@ -140,16 +140,18 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     total = torch.zeros((), dtype=torch.float64)
     tp_rank = ps.get_tensor_model_parallel_rank()
     gpt = getattr(model, "gpt", None)
-    twin = None  # PP > 1, tied: the last stage's output layer repeats the first stage's embedding; count it once
-    if gpt is not None and gpt.share_embeddings_and_output_weights and ps.get_pipeline_model_parallel_world_size() > 1 \
-            and gpt.post_process and not gpt.pre_process:
-        twin = gpt.output_layer.weight
+    counted_elsewhere = set()  # ids of copies that another pipeline stage counts
+    if gpt is not None and ps.get_pipeline_model_parallel_world_size() > 1:
+        if gpt.share_embeddings_and_output_weights and gpt.post_process and not gpt.pre_process:
+            counted_elsewhere.add(id(gpt.output_layer.weight))  # tied: the first stage's embedding counts
+        if not gpt.post_process:  # the RM head, on every stage (a frozen backbone trains each copy alike)
+            counted_elsewhere |= {id(p) for p in model.extra_params().values()}
     grads = []
     for p in model.parameters():
         if p.grad is None:
             continue
         grads.append(p.grad)
-        if p is twin:
+        if id(p) in counted_elsewhere:
             continue
         if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
             total += p.grad.detach().double().pow(2).sum().cpu()

@@ -35,20 +35,38 @@ class MegatronRewardModel(MegatronWrapper):
         self.keep_skeleton(rm.hf_model)
 
     def pooled_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) right-padded -> (B, H) fp32 final hidden state at the last real token. Attention is causal only,
-        so with right padding every real token sees exactly the real tokens before it."""
+        """(B, T) right-padded -> (B, H) fp32 final hidden state at the last real token, on every rank (PP > 1:
+        forward only through the schedule, broadcast from the last stage). Attention is causal only, so with
+        right padding every real token sees exactly the real tokens before it."""
         if bool((attention_mask[:, 0] == 0).any()):
             raise ValueError("engine=megatron reads right-padded batches (a row starts with padding)")
+        if self.pipelined:
+            pooled = []
+
+            def keep(hidden, mb):
+                pooled.append(self._pool(hidden, mb).detach())
+                zero = hidden.sum() * 0
+                return zero, zero
+
+            pipeline_forward_backward(self.gpt, [{"input_ids": input_ids, "attention_mask": attention_mask}], keep,
+                                      forward_only=True)
+            return self._from_last_stage(pooled[0] if pooled else None, (input_ids.shape[0], self.head.in_features))
         hidden = gpt_forward(self.gpt, input_ids)  # (B, T, H)
-        idx = last_token_index(attention_mask)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx].float()
+        return self._pool(hidden, {"attention_mask": attention_mask, "rows": input_ids.shape[0]})
+
+    @staticmethod
+    def _pool(hidden: torch.Tensor, mb: dict) -> torch.Tensor:
+        """The last real token's hidden state of each of the micro-batch's own rows (the schedule pads rows)."""
+        n = mb["rows"]
+        idx = last_token_index(mb["attention_mask"][:n])
+        return hidden[torch.arange(n, device=hidden.device), idx].float()
 
     def score_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=pooled.device.type, enabled=False):
             return self.head(pooled.float())
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.pipelined:  # predictions only (evaluation, labeling): no gradient flows through the schedule
+        if self.pipelined:  # predictions only (evaluation, labeling): the last stage's head, broadcast
             preds = []
 
             def keep_pred(pred, mb):
@@ -64,14 +82,8 @@ class MegatronRewardModel(MegatronWrapper):
         """PP > 1: micro-batches (dicts with right-padded `input_ids`, `attention_mask` and whatever `loss_of` reads)
         through Megatron's 1F1B schedule. On the last stage, `loss_of(pred (B, K), mb)` -> (the micro-batch's loss
         for its backward, a value to report). -> every micro-batch's reported value, on every rank of the pipeline."""
-
-        def loss_fn(hidden, mb):
-            n = mb["rows"]  # the schedule pads rows to one shape: score only the micro-batch's own
-            idx = last_token_index(mb["attention_mask"][:n])
-            pooled = hidden[torch.arange(n, device=hidden.device), idx].float()
-            return loss_of(self.score_pooled(pooled), mb)
-
-        return pipeline_forward_backward(self.gpt, micro, loss_fn, forward_only=forward_only)
+        return pipeline_forward_backward(self.gpt, micro, lambda hidden, mb: loss_of(self.score_pooled(
+            self._pool(hidden, mb)), mb), forward_only=forward_only)
 
     def _from_last_stage(self, tensor, shape) -> torch.Tensor:
         """The last pipeline stage's tensor, on every stage."""
