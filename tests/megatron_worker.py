@@ -9,6 +9,7 @@ HF -> Megatron -> HF is bit-exact; the trained model is exported to OUT_JSON's s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -39,6 +40,35 @@ def batch(vocab: int, seq: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.
     return ids, labels, mask
 
 
+def lora_against_peft(model, hf, ids, real) -> dict:
+    """The trained adapter, gathered into peft's layout and loaded onto the HF model: its logits must be
+    Megatron's (collective; -> the max difference on rank 0)."""
+    from megatron.core import parallel_state as ps
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from steerlm.engines.megatron.lora import lora_to_hf
+
+    model.eval()
+    with torch.no_grad():
+        logits = mm.forward_logits(model, ids, gather=True)
+    mine = ((ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+            {k: v for k, v in mm.local_state(model).items() if ".lora_" in k})
+    gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(mine, gathered, dst=0)
+    if gathered is None:
+        return {}
+    adapter = lora_to_hf(dict(gathered), model.hf_shape, ps.get_tensor_model_parallel_world_size(), 1)
+    peft = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8.0, target_modules="all-linear"))
+    missing = set_peft_model_state_dict(peft, {"base_model.model." + k: v for k, v in adapter.items()})
+    lora_keys = [k for k in peft.state_dict() if "lora_" in k]
+    with torch.no_grad():
+        peft_logits = peft(input_ids=ids).logits
+    return {"lora_logits_max_abs_diff": float((logits - peft_logits)[real].abs().max()),
+            "lora_keys": len(adapter), "peft_lora_keys": len(lora_keys),
+            "unexpected": len(getattr(missing, "unexpected_keys", [])),
+            "lora_b_norm": float(sum(v.norm() ** 2 for k, v in adapter.items() if "lora_B" in k) ** 0.5)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("hf_dir")
@@ -47,13 +77,18 @@ def main() -> None:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--sp", action="store_true", help="sequence parallel")
     ap.add_argument("--seq", type=int, default=16, help="row length (odd: sequence-parallel padding)")
+    ap.add_argument("--lora", action="store_true", help="train a LoRA adapter (r 4) instead of the weights")
     args = ap.parse_args()
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
     ranks = mm.init_parallel(args.tp, args.pp)
     model = mm.build_gpt(hf.config, tp=args.tp, pp=args.pp, sequence_parallel=args.sp)
     mm.load_hf_state(model, hf.state_dict())
-    result: dict = {"ranks": ranks}
+    if args.lora:  # B = 0: the logits below still equal HF's
+        from steerlm.engines.megatron.lora import COLUMN, ROW, apply_lora
+
+        result_lora = {"trainable": apply_lora(model, r=4, alpha=8.0, targets=[*COLUMN, *ROW])}
+    result: dict = {"ranks": ranks, **(result_lora if args.lora else {})}
     exact = mm.gather_hf_state(model)
     if exact is not None:
         ref = hf.state_dict()
@@ -86,6 +121,8 @@ def main() -> None:
             losses.append(float((mm.token_nll(model, ids, labels) * mask).sum() / mask.sum()))
         result["losses"] = losses
         mm.export_hf(model, Path(args.out).with_suffix(".hf"))
+        if args.lora:
+            result.update(lora_against_peft(model, hf, ids, real))
         # the RM path: final-norm hidden states instead of logits
         rm = mm.as_hidden_state_model(mm.build_gpt(hf.config, tp=args.tp, sequence_parallel=args.sp))
         mm.load_hf_state(rm, hf.state_dict())

@@ -131,6 +131,20 @@ def test_sequence_parallel_pads_rows_and_trains_like_tp1(models, tmp_path):
     same_export(tmp_path / "tp1.hf", tmp_path / "sp.hf")
 
 
+def test_lora_adapter_trains_alike_at_every_split_and_peft_reproduces_its_logits(models, tmp_path):
+    """LoRA on the parallel linears: two steps give the same losses at TP 1, TP 2 and TP 2 with sequence
+    parallelism (A's partial gradients summed over TP), and the adapter, gathered into peft's layout and loaded
+    onto the HF model, gives Megatron's logits."""
+    runs = {name: run_worker(models["llama"], tmp_path / f"{name}.json", tp=tp, procs=tp, extra=("--lora", *extra))
+            for name, tp, extra in (("tp1", 1, ()), ("tp2", 2, ()), ("sp", 2, ("--sp",)))}
+    for name, r in runs.items():
+        assert r["lora_logits_max_abs_diff"] <= 1e-4 and r["lora_b_norm"] > 0.1, (name, r)
+        assert r["lora_keys"] == r["peft_lora_keys"] == 2 * 7 * 2 and r["unexpected"] == 0, (name, r)
+        assert r["losses"] == pytest.approx(runs["tp1"]["losses"], abs=1e-5), (name, r["losses"])
+    assert runs["tp1"]["losses"][2] < runs["tp1"]["losses"][0] - 0.2
+    assert runs["tp2"]["trainable"] < runs["tp1"]["trainable"]  # B of column / A of row linears are split
+
+
 def test_unsupported_models_and_splits_are_one_line_errors(models):
     from transformers import AutoConfig
 

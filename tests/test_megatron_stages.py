@@ -187,11 +187,43 @@ def test_sft_pp2_keeps_tied_embeddings_tied(tiny_model_dir, tmp_path):
     sft_matches_torch(tied, tmp_path, {"pp2": ["engine.pipeline_parallel=2"]})
 
 
-def test_megatron_refuses_what_it_does_not_run_yet(tiny_model_dir, tmp_path):
-    proc = run_megatron("train_sft", f"model.path={tiny_model_dir}", f"run_dir={tmp_path}", *SFT[:4],
-                        procs=1, check=False)  # LoRA (the default)
-    assert proc.returncode == 2
-    assert "engine=megatron SFT runs full fine-tunes for now: set model.lora.enabled=false" in proc.stderr
+def test_lora_sft_is_split_independent_resumes_across_splits_and_exports_a_peft_adapter(tiny_model_dir, tmp_path):
+    """LoRA on Megatron's parallel linears (q/k/v and gate/up share their A, as the linears are fused): the same
+    curve at TP 1, TP 2 and PP 2; a PP 2 checkpoint resumes at TP 2 (the adapter re-sliced); model/ is a peft
+    adapter of the base that transformers + peft load, and merged/ is the base with it merged in."""
+    from transformers import AutoModelForCausalLM
+
+    from steerlm.models.policy import load_for_generation
+
+    base = [f"model.path={tiny_model_dir}", *SFT[:5], "model.lora.enabled=true", "model.lora.r=4",
+            "train.max_steps=4", "train.global_batch_size=8", "optim.lr=1e-2"]
+    run_megatron("train_sft", *base, f"run_dir={tmp_path / 'tp1'}", procs=1)
+    run_megatron("train_sft", *base, f"run_dir={tmp_path / 'tp2'}", "engine.tensor_parallel=2")
+    run_megatron("train_sft", *base, f"run_dir={tmp_path / 'pp2'}", "engine.pipeline_parallel=2", "train.save_every=2")
+    run_megatron("train_sft", *base, f"run_dir={tmp_path / 'resumed'}", "engine.tensor_parallel=2",
+                 f"resume={tmp_path / 'pp2' / 'checkpoints' / 'step_00000002'}")
+    ref = curve(tmp_path / "tp1")
+    assert len(ref) == 4 and ref[-1][0] < ref[0][0] - 0.05, ref
+    for name in ("tp2", "pp2"):
+        for (l1, g1), (l2, g2) in zip(ref, curve(tmp_path / name)):
+            assert l2 == pytest.approx(l1, rel=1e-5) and g2 == pytest.approx(g1, rel=1e-4), name
+    assert [round(x, 5) for x, _ in curve(tmp_path / "resumed")] == [round(x, 5) for x, _ in ref[2:]]
+    summary = json.loads((tmp_path / "tp2" / "summary.json").read_text())
+    assert summary["lora"] is True and 0 < summary["trainable_params"] < 20_000
+    card = json.loads((tmp_path / "tp2" / "model" / "steerlm_sft.json").read_text())
+    assert card["lora"] is True and (tmp_path / "tp2" / "model" / "adapter_config.json").exists()
+    # the adapter on its base (peft) is the merged model; the base weights themselves did not move
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    merged = {n: AutoModelForCausalLM.from_pretrained(tmp_path / n / "merged").state_dict() for n in ("tp1", "tp2", "pp2")}
+    from_adapter = load_for_generation(str(tmp_path / "tp2" / "model")).state_dict()
+    assert all(torch.allclose(from_adapter[k], merged["tp2"][k], atol=1e-6) for k in initial)
+    for name in ("tp2", "pp2"):
+        assert all(torch.allclose(merged[name][k], merged["tp1"][k], atol=1e-5) for k in initial), name
+    moved = [k for k in initial if not torch.equal(initial[k], merged["tp2"][k])]
+    assert moved and all(k.endswith("proj.weight") for k in moved), moved  # only the adapted linears changed
+    proc = run_megatron("train_sft", *base, "model.lora.target_modules=[q_proj,v_proj]", f"run_dir={tmp_path / 'bad'}",
+                        procs=1, check=False)
+    assert proc.returncode == 2 and "must name all of ['k_proj', 'q_proj', 'v_proj']" in proc.stderr
 
 
 def test_frozen_backbone_rm_at_pp2_equals_the_torch_engine(tiny_model_dir, tmp_path):

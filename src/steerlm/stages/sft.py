@@ -75,7 +75,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     if cfg.model.gradient_checkpointing and strategy != "megatron":  # Megatron: recompute, in megatron_policy
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if lora:
+    if lora and strategy != "megatron":  # Megatron adds its own LoRA to its parallel linears (megatron_policy)
         model = apply_lora(model, OmegaConf.to_container(cfg.model.lora, resolve=True))
     if strategy == "megatron":  # TP-sharded GPTModel; exported back to this HF model's layout
         model = megatron_policy(cfg, model, info)
@@ -203,14 +203,14 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
 
 # ===== Pieces ====================================================================================
 def megatron_policy(cfg: DictConfig, hf_model, info):
-    """engine=megatron: full fine-tune of padded or packed rows; gradient checkpointing is Megatron's full-layer
-    recompute. LoRA is not built for Megatron's parallel layers yet."""
+    """engine=megatron: full fine-tune or LoRA on the parallel linears, of padded or packed rows; gradient
+    checkpointing is Megatron's full-layer recompute."""
     from ..engines.megatron.causal_lm import MegatronCausalLM
 
-    if cfg.model.lora.enabled:
-        raise ConfigError("engine=megatron SFT runs full fine-tunes for now: set model.lora.enabled=false")
+    lora = OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.lora.enabled else None
     return MegatronCausalLM(hf_model, tp=info.tp, pp=info.pp, sequence_parallel=info.sequence_parallel,
-                            recompute=bool(cfg.model.gradient_checkpointing), dtype=getattr(torch, cfg.model.dtype))
+                            recompute=bool(cfg.model.gradient_checkpointing), dtype=getattr(torch, cfg.model.dtype),
+                            lora=lora)
 
 
 def setup_data(cfg: DictConfig, schema, tokenizer, fmt: SFTFormat) -> dict:

@@ -1,23 +1,58 @@
 """The SFT policy on Megatron-core: a TP-sharded GPTModel trained with the vocab-parallel cross entropy (the full
-(tokens x vocabulary) logits are never gathered), exported back to the HF causal-LM checkpoint it came from."""
+(tokens x vocabulary) logits are never gathered), exported back to the HF causal-LM checkpoint it came from, or,
+with LoRA (lora.py), to a peft adapter of it."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .model import MegatronWrapper, build_gpt, load_hf_state, pipeline_forward_backward, token_nll
+from ...errors import ConfigError
+from .model import MegatronWrapper, build_gpt, load_hf_state, local_state, pipeline_forward_backward, token_nll
 
 
 class MegatronCausalLM(MegatronWrapper):
     def __init__(self, hf_model: nn.Module, *, tp: int, pp: int = 1, sequence_parallel: bool = False,
-                 recompute: bool = False, dtype: torch.dtype = torch.float32):
+                 recompute: bool = False, dtype: torch.dtype = torch.float32, lora: Optional[dict] = None):
         super().__init__()
         self.pipelined = pp > 1
         self.gpt = build_gpt(hf_model.config, tp=tp, pp=pp, sequence_parallel=sequence_parallel, recompute=recompute,
                              dtype=dtype)
         load_hf_state(self.gpt, hf_model.state_dict())
+        self.lora = lora
+        if lora:  # the export is a peft adapter: keep a peft-wrapped skeleton for its config and key names
+            from ...models.policy import apply_lora as apply_peft
+            from .lora import apply_lora, megatron_targets
+
+            if float(lora.get("dropout", 0.0)) > 0:
+                raise ConfigError("engine=megatron LoRA has no dropout yet: set model.lora.dropout=0")
+            apply_lora(self.gpt, r=int(lora["r"]), alpha=float(lora["alpha"]),
+                       targets=megatron_targets(lora.get("target_modules", "all-linear")))
+            hf_model = apply_peft(hf_model.to("meta"), lora)
         self.keep_skeleton(hf_model)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The HF state dict on global rank 0 ({} elsewhere); with LoRA the adapter, in peft's names; collective."""
+        if not self.lora:
+            return super().full_state()
+        from megatron.core import parallel_state as ps
+
+        from .lora import lora_to_hf
+
+        key = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
+        mine = (key, {k: v for k, v in local_state(self.gpt).items() if ".lora_" in k}) \
+            if ps.get_data_parallel_rank() == 0 else None
+        gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+        torch.distributed.gather_object(mine, gathered, dst=0)
+        if gathered is None:
+            return {}
+        hf = lora_to_hf(dict(x for x in gathered if x is not None), self.gpt.hf_shape,
+                        ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        # peft's module names (adapter "default"): what save_pretrained(state_dict=...) expects
+        return {"base_model.model." + k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+                for k, v in hf.items()}
 
     @staticmethod
     def _targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

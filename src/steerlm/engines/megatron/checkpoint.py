@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from ... import checkpoint as ckpt
 from ...errors import ConfigError
 from .convert import hf_to_megatron, megatron_to_hf
+from .lora import lora_from_hf, lora_to_hf
 from .model import _tensors
 
 LAYOUT = "megatron.json"
@@ -102,18 +103,21 @@ def _reshard(path: Path, layout: dict, model) -> dict[str, dict[str, torch.Tenso
     saved = {(p, t): load_file(str(path / shard_name(p, t))) for p in range(spp) for t in range(stp)}
     shape = model.gpt.hf_shape
     out: dict[str, dict[str, torch.Tensor]] = {}
+    split = (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
+             ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank())
     for kind in KINDS:
         prefix = f"{kind}/"
-        shards = {pt: {k[len(prefix):]: v for k, v in f.items() if k.startswith(prefix) and not
-                       k[len(prefix):].startswith("head.")} for pt, f in saved.items()}
+        part = lambda keep: {pt: {k[len(prefix):]: v for k, v in f.items() if k.startswith(prefix) and
+                                  keep(k[len(prefix):])} for pt, f in saved.items()}
+        base = part(lambda n: not n.startswith("head.") and ".lora_" not in n)
+        adapter = part(lambda n: ".lora_" in n)
         # the head's trained copy lives on the last stage
         head = {k[len(prefix):]: v for k, v in saved[(spp - 1, 0)].items() if k.startswith(prefix + "head.")}
         mine = {}
-        if any(shards.values()):  # a frozen backbone has no moments
-            hf = megatron_to_hf(shards, shape, stp, spp)
-            mine = hf_to_megatron(hf, shape, ps.get_tensor_model_parallel_world_size(),
-                                  ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
-                                  ps.get_pipeline_model_parallel_rank())
+        if any(base.values()):  # a frozen backbone (LoRA, frozen RM) has no moments
+            mine = hf_to_megatron(megatron_to_hf(base, shape, stp, spp), shape, *split)
+        if any(adapter.values()):
+            mine.update(lora_from_hf(lora_to_hf(adapter, shape, stp, spp), shape, *split))
         if mine or head:
             out[kind] = {**mine, **head}
     return out
