@@ -209,7 +209,8 @@ def test_lora_sft_is_split_independent_resumes_across_splits_and_exports_a_peft_
             assert l2 == pytest.approx(l1, rel=1e-5) and g2 == pytest.approx(g1, rel=1e-4), name
     assert [round(x, 5) for x, _ in curve(tmp_path / "resumed")] == [round(x, 5) for x, _ in ref[2:]]
     summary = json.loads((tmp_path / "tp2" / "summary.json").read_text())
-    assert summary["lora"] is True and 0 < summary["trainable_params"] < 20_000
+    tp1 = json.loads((tmp_path / "tp1" / "summary.json").read_text())
+    assert summary["lora"] is True and summary["trainable_params"] == tp1["trainable_params"] > 0  # whole model
     card = json.loads((tmp_path / "tp2" / "model" / "steerlm_sft.json").read_text())
     assert card["lora"] is True and (tmp_path / "tp2" / "model" / "adapter_config.json").exists()
     # the adapter on its base (peft) is the merged model; the base weights themselves did not move

@@ -33,6 +33,8 @@ import json
 import math
 import time
 
+from typing import Optional
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -85,7 +87,12 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         check_packing_support(model, info.device, tokenizer.pad_token_id)
     logger = MetricLogger(run_dir, is_main=info.is_main, wandb_cfg=cfg.logging.wandb,
                           config=OmegaConf.to_container(cfg, resolve=True))
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if strategy == "megatron":  # every TP shard and pipeline stage, once
+        from ..engines.megatron.engine import trainable_parameters
+
+        n_trainable = trainable_parameters(model)
+    else:
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = te.build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas),
                                    distributed=strategy == "megatron" and bool(cfg.engine.get("distributed_optimizer", True)))
     if hasattr(optimizer, "describe"):
@@ -160,7 +167,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                 save_state(run_dir, step, model, optimizer, scheduler, epoch=epoch, next_batch=b + 1,
                            n_batches=len(batches), info=info, keep_last=cfg.train.keep_checkpoints,
                            trainable_only=lora)
-            if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps:
+            if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps and data["val"]:
                 logger.log({"validation/loss": evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype)}, step)
             if step >= total_steps:
                 break
@@ -169,8 +176,9 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     train_time = time.time() - t_train
 
     # ===== Evaluation and export ==============================================================
-    val_loss = evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype)
-    logger.log({"validation/loss": val_loss}, step)
+    val_loss = evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype)  # None: no held-out conversations
+    if val_loss is not None:
+        logger.log({"validation/loss": val_loss}, step)
     state = te.full_model_state(model)  # collective under FSDP2
     summary = {
         "steps": step, "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - t_start, 2),
@@ -194,7 +202,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                               schema=schema, card=card, lora=lora, base_path=str(cfg.model.path),
                               save_merged=lora and cfg.model.lora.save_merged, dtype=getattr(torch, cfg.model.dtype))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print0(f"sft: validation loss {val_loss:.4f}; {summary['tokens_per_s']} tokens/s (non-pad), packing "
+        print0(f"sft: validation loss {'n/a (no held-out conversations)' if val_loss is None else f'{val_loss:.4f}'}; {summary['tokens_per_s']} tokens/s (non-pad), packing "
                f"efficiency {summary['packing_efficiency']:.1%}, peak {summary['peak_mem_mb']} MB")
         print0(f"model written to {', '.join(str(p) for p in written)} ({summary['wall_time_s']} s)")
     logger.close()
@@ -265,10 +273,11 @@ def check_packing_support(model, device: torch.device, pad_id: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model, val: list, cfg: DictConfig, info: te.DistInfo, pad_id: int, amp_dtype) -> float:
-    """Token-mean NLL of the held-out conversations (full label strings), sharded over ranks."""
+def evaluate_loss(model, val: list, cfg: DictConfig, info: te.DistInfo, pad_id: int, amp_dtype) -> Optional[float]:
+    """Token-mean NLL of the held-out conversations (full label strings), sharded over ranks; None without any
+    (a NaN would make summary.json invalid JSON)."""
     if not val:
-        return float("nan")
+        return None
     model.eval()
     enc = [(ex["ids"], ex["mask"]) for ex in val]
     lengths = [len(ids) for ids, _ in enc]

@@ -132,28 +132,47 @@ def sync_tied_embedding_grads(gpt) -> None:
         dist.all_reduce(weight.grad, group=ps.get_embedding_group())
 
 
+def _counted_here(model: torch.nn.Module):
+    """-> p -> whether this rank counts parameter p once in a model-wide sum: a TP-split tensor on every TP rank,
+    a replicated one on TP rank 0, and a copy another pipeline stage holds (a tied output layer, the RM head)
+    not at all."""
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    gpt = getattr(model, "gpt", None)
+    elsewhere = set()  # ids
+    if gpt is not None and ps.get_pipeline_model_parallel_world_size() > 1:
+        if gpt.share_embeddings_and_output_weights and gpt.post_process and not gpt.pre_process:
+            elsewhere.add(id(gpt.output_layer.weight))  # tied: the first stage's embedding counts
+        if not gpt.post_process:  # the RM head, on every stage (a frozen backbone trains each copy alike)
+            elsewhere |= {id(p) for p in model.extra_params().values()}
+    return lambda p: id(p) not in elsewhere and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    """The number of trainable parameters of the whole model (every TP shard and PP stage); collective."""
+    from megatron.core import parallel_state as ps
+
+    here = _counted_here(model)
+    n = torch.tensor([float(sum(p.numel() for p in model.parameters() if p.requires_grad and here(p)))],
+                     dtype=torch.float64, device=next(model.parameters()).device)
+    dist.all_reduce(n, group=ps.get_model_parallel_group())
+    return int(n.item())
+
+
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     """The global gradient norm over every shard (a TP-split tensor counts on every TP rank, a replicated one once),
     then clip; max_norm <= 0 only measures."""
     from megatron.core import parallel_state as ps
 
     total = torch.zeros((), dtype=torch.float64)
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    gpt = getattr(model, "gpt", None)
-    counted_elsewhere = set()  # ids of copies that another pipeline stage counts
-    if gpt is not None and ps.get_pipeline_model_parallel_world_size() > 1:
-        if gpt.share_embeddings_and_output_weights and gpt.post_process and not gpt.pre_process:
-            counted_elsewhere.add(id(gpt.output_layer.weight))  # tied: the first stage's embedding counts
-        if not gpt.post_process:  # the RM head, on every stage (a frozen backbone trains each copy alike)
-            counted_elsewhere |= {id(p) for p in model.extra_params().values()}
+    here = _counted_here(model)
     grads = []
     for p in model.parameters():
         if p.grad is None:
             continue
         grads.append(p.grad)
-        if id(p) in counted_elsewhere:
-            continue
-        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+        if here(p):
             total += p.grad.detach().double().pow(2).sum().cpu()
     total = total.to(grads[0].device if grads else "cpu")
     dist.all_reduce(total, group=ps.get_model_parallel_group())
