@@ -59,7 +59,8 @@ def test_reward_stage_tp2_equals_the_torch_engine(tiny_model_dir, torch_rm, tmp_
     from transformers import AutoModelForSequenceClassification
 
     for name, split in (("tp2", ["engine.tensor_parallel=2"]), ("pp2", ["engine.pipeline_parallel=2"]),
-                        ("tp2sp", ["engine.tensor_parallel=2", "engine.sequence_parallel=true"])):
+                        ("tp2sp", ["engine.tensor_parallel=2", "engine.sequence_parallel=true",
+                                   "model.gradient_checkpointing=true"])):  # and Megatron's recompute
         run_megatron("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / name, DATA), *split)
         ref, got = curve(torch_rm), curve(tmp_path / name)
         assert len(ref) == len(got) == 4

@@ -68,12 +68,16 @@ def test_ddp_and_fsdp2_match_single_process(tiny_model_dir, tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def test_micro_batch_split_does_not_change_the_step(tiny_model_dir, tmp_path):
-    """micro 1 x accumulation 8 == micro 8 x accumulation 1 (loss reduced by the global batch)."""
+def test_micro_batch_split_and_gradient_checkpointing_do_not_change_the_step(tiny_model_dir, tmp_path):
+    """micro 1 x accumulation 8 == micro 8 x accumulation 1 (loss reduced by the global batch); recomputing the
+    activations in backward changes memory, not the step."""
     run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "a", "train.micro_batch_size=1"))
     run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "b", "train.micro_batch_size=8"))
-    torch.testing.assert_close(torch.tensor(losses(tmp_path / "a")), torch.tensor(losses(tmp_path / "b")),
-                               rtol=1e-5, atol=1e-6)
+    run_recipe("train_reward", *tiny_reward_overrides(tiny_model_dir, tmp_path / "c", "train.micro_batch_size=8",
+                                                      "model.gradient_checkpointing=true"))
+    for other in ("b", "c"):
+        torch.testing.assert_close(torch.tensor(losses(tmp_path / "a")), torch.tensor(losses(tmp_path / other)),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_weights(tiny_model_dir, tmp_path):

@@ -74,11 +74,15 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     data = setup_data(cfg, schema, tokenizer, pair_objective)
     rm = load_reward_model(cfg.model.path, schema, pad_token_id=tokenizer.pad_token_id,
                            dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation)
+    # gradient checkpointing saves activation memory only where gradients flow through the backbone
+    recompute = bool(cfg.model.get("gradient_checkpointing", False)) and not cfg.model.freeze_backbone
     if strategy == "megatron":  # TP-sharded backbone, same head and export (engines/megatron/reward_model.py)
         from ..engines.megatron.reward_model import MegatronRewardModel
 
         rm = MegatronRewardModel(rm, tp=info.tp, pp=info.pp, sequence_parallel=info.sequence_parallel,
-                                 dtype=getattr(torch, cfg.model.dtype))
+                                 recompute=recompute, dtype=getattr(torch, cfg.model.dtype))
+    elif recompute:
+        rm.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.freeze_backbone:
         rm.freeze_backbone()
     logger = MetricLogger(run_dir, is_main=info.is_main, wandb_cfg=cfg.logging.wandb,

@@ -20,14 +20,14 @@ class MegatronRewardModel(MegatronWrapper):
     """PP > 1: the backbone's layers are split over the stages and only the last stage's head is used (every stage
     holds a copy so the module tree is the same everywhere); `forward` and `pipeline_losses` run Megatron's schedule."""
     def __init__(self, rm: AttributeRewardModel, *, tp: int, pp: int = 1, sequence_parallel: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 recompute: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.schema, self.head_name, self.pipelined = rm.schema, rm.head_name, pp > 1
         hf_state = {k: v for k, v in rm.hf_model.state_dict().items() if k.startswith("model.")}
         if len(hf_state) == 0:
             raise ValueError(f"{type(rm.hf_model).__name__}: expected the backbone under 'model.'")
-        self.gpt = as_hidden_state_model(build_gpt(rm.hf_model.config, tp=tp, pp=pp,
-                                                   sequence_parallel=sequence_parallel, dtype=dtype))
+        self.gpt = as_hidden_state_model(build_gpt(rm.hf_model.config, tp=tp, pp=pp, sequence_parallel=sequence_parallel,
+                                                   recompute=recompute, dtype=dtype))
         load_hf_state(self.gpt, hf_state)
         self.head = nn.Linear(rm.head.in_features, rm.head.out_features, bias=rm.head.bias is not None)
         self.head.load_state_dict(rm.head.state_dict())
