@@ -51,13 +51,10 @@ def lora_against_peft(model, hf, ids, real) -> dict:
     model.eval()
     with torch.no_grad():
         logits = mm.forward_logits(model, ids, gather=True)
-    mine = ((ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-            {k: v for k, v in mm.local_state(model).items() if ".lora_" in k})
-    gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
-    torch.distributed.gather_object(mine, gathered, dst=0)
-    if gathered is None:
+    shards = mm.gather_shards(model, keep=lambda name: ".lora_" in name)
+    if shards is None:
         return {}
-    adapter = lora_to_hf(dict(gathered), model.hf_shape, ps.get_tensor_model_parallel_world_size(), 1)
+    adapter = lora_to_hf(shards, model.hf_shape, ps.get_tensor_model_parallel_world_size(), 1)
     peft = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8.0, target_modules="all-linear"))
     missing = set_peft_model_state_dict(peft, {"base_model.model." + k: v for k, v in adapter.items()})
     lora_keys = [k for k in peft.state_dict() if "lora_" in k]

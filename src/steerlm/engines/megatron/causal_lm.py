@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from .model import MegatronWrapper, build_gpt, load_hf_state, local_state, pipeline_forward_backward, token_nll
+from .model import MegatronWrapper, build_gpt, gather_shards, load_hf_state, pipeline_forward_backward, token_nll
 
 
 class MegatronCausalLM(MegatronWrapper):
@@ -41,15 +41,11 @@ class MegatronCausalLM(MegatronWrapper):
 
         from .lora import lora_to_hf
 
-        key = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
-        mine = (key, {k: v for k, v in local_state(self.gpt).items() if ".lora_" in k}) \
-            if ps.get_data_parallel_rank() == 0 else None
-        gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
-        torch.distributed.gather_object(mine, gathered, dst=0)
-        if gathered is None:
+        shards = gather_shards(self.gpt, keep=lambda name: ".lora_" in name)
+        if shards is None:
             return {}
-        hf = lora_to_hf(dict(x for x in gathered if x is not None), self.gpt.hf_shape,
-                        ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        hf = lora_to_hf(shards, self.gpt.hf_shape, ps.get_tensor_model_parallel_world_size(),
+                        ps.get_pipeline_model_parallel_world_size())
         # peft's module names (adapter "default"): what save_pretrained(state_dict=...) expects
         return {"base_model.model." + k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
                 for k, v in hf.items()}

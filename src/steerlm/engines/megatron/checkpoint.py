@@ -47,11 +47,14 @@ def _params(model) -> dict[str, torch.nn.Parameter]:
     return {**dict(model.gpt.named_parameters()), **model.extra_params()}
 
 
-def local_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], int]:
+def local_tensors(model, optimizer, writer: bool = True) -> tuple[dict[str, torch.Tensor], int]:
     """This rank's weights and optimizer state as "<kind>/<name>" CPU tensors, and AdamW's step; collective over
-    DP (the distributed optimizer's consolidation). Only DP rank 0's result is complete."""
+    DP (the distributed optimizer's consolidation). Only DP rank 0's result is complete; `writer` False: ({}, 0)
+    after taking part in the collective (the other replicas copy nothing)."""
     params = _params(model)
     state = optimizer.consolidated_state(list(params.values())) if _distributed(optimizer) else optimizer.state
+    if not writer:
+        return {}, 0
     out = {f"weight/{n}": t for n, t in _tensors(model.gpt).items()}  # state-dict names, as load_hf_state's
     out.update({f"weight/{n}": p for n, p in model.extra_params().items()})
     steps = [0]
@@ -69,8 +72,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, *, state: dict, 
     global rank 0 commits (renames into place, points `latest` at, prunes), so the step is complete or absent."""
     from megatron.core import parallel_state as ps
 
-    tensors, adam_step = local_tensors(model, optimizer)
     writer = ps.get_data_parallel_rank() == 0
+    tensors, adam_step = local_tensors(model, optimizer, writer)
     name = shard_name(ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
     final = ckpt.step_dir(run_dir, step)
 

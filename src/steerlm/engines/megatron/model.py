@@ -162,21 +162,28 @@ def local_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in _tensors(model).items()}
 
 
-def gather_hf_state(model) -> Optional[dict[str, torch.Tensor]]:
-    """Every rank's shards -> the HF state dict on global rank 0 (None elsewhere). Holds the full model in rank 0's
-    CPU memory: the export of the final model (2 bytes per parameter in bf16); resumable checkpoints are written
-    per rank instead (checkpoint.py)."""
+def gather_shards(model, keep=lambda name: True) -> Optional[dict[tuple[int, int], dict[str, torch.Tensor]]]:
+    """Every (PP, TP) rank's tensors named `keep` -> {(pp_rank, tp_rank): {name: CPU tensor}} on global rank 0
+    (None elsewhere); collective. Data-parallel replicas are identical: replica 0 sends."""
     from megatron.core import parallel_state as ps
 
     key = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
-    is_dp0 = ps.get_data_parallel_rank() == 0
-    mine = (key, local_state(model)) if is_dp0 else None  # data-parallel replicas are identical: send one
-    world = torch.distributed.get_world_size()
-    gathered = [None] * world if torch.distributed.get_rank() == 0 else None
+    mine = (key, {k: v.detach().cpu() for k, v in _tensors(model).items() if keep(k)}) \
+        if ps.get_data_parallel_rank() == 0 else None
+    gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
     torch.distributed.gather_object(mine, gathered, dst=0)
-    if gathered is None:
+    return None if gathered is None else dict(x for x in gathered if x is not None)
+
+
+def gather_hf_state(model) -> Optional[dict[str, torch.Tensor]]:
+    """Every rank's shards -> the HF state dict on global rank 0 (None elsewhere). Holds the full model in rank 0's
+    CPU memory: the export of the final model (2 bytes per parameter in bf16); resumable checkpoints are written
+    per rank instead (checkpoint.py). LoRA tensors are not weights of the HF model (causal_lm exports them)."""
+    from megatron.core import parallel_state as ps
+
+    shards = gather_shards(model, keep=lambda name: ".lora_" not in name)
+    if shards is None:
         return None
-    shards = dict(x for x in gathered if x is not None)
     return megatron_to_hf(shards, model.hf_shape, ps.get_tensor_model_parallel_world_size(),
                           ps.get_pipeline_model_parallel_world_size())
 
@@ -339,6 +346,6 @@ def pipeline_forward_backward(model, microbatches: list[dict], loss_fn, *, forwa
 
 
 __all__ = ["MegatronWrapper", "pipeline_forward_backward", "export_hf", "init_parallel", "transformer_config",
-           "build_gpt", "load_hf_state", "gather_hf_state", "local_state", "gpt_forward", "forward_logits", "token_nll",
+           "build_gpt", "load_hf_state", "gather_shards", "gather_hf_state", "local_state", "gpt_forward", "forward_logits", "token_nll",
            "packed_attention_mask",
            "as_hidden_state_model", "layer_range"]
