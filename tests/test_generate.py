@@ -208,3 +208,160 @@ def test_cli_writes_jsonl_and_bad_attributes_exit_2_with_one_line(sft_dir, tmp_p
         lines = [line for line in p.stderr.splitlines() if line.strip()]
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
         assert lines[-1].startswith("steerlm: error: ") and all(w in lines[-1] for w in words), lines[-1]
+
+
+# ===== the continuous-batching loop (steerlm.generation) =========================================
+# 11 prompts of several lengths, with repeats (greedy decodes them once) and shared prefixes (prefilled once)
+MANY = PROMPTS + PROMPTS[:2] + [f"Question {k}: {PROMPTS[1]}" for k in range(3)] + ["Why? " * 6, "Name a color."]
+
+
+@pytest.fixture
+def loop(model):
+    """The fixture model with a small live batch (rows leave and waiting prompts join), restored after."""
+    saved = model.backend, model.max_rows, model.eos_ids
+    model.max_rows = 3
+    yield model
+    model.backend, model.max_rows, model.eos_ids = saved
+
+
+def hf(m: SteerableModel, *args, **kw) -> list[dict]:
+    backend, m.backend = m.backend, "hf_generate"
+    try:
+        return m.generate(*args, **kw)
+    finally:
+        m.backend = backend
+
+
+def common_token(m: SteerableModel, prompts, n: int) -> int:
+    """A token the greedy answers first generate at the most different steps: as an extra eos, rows stop at
+    different times (the random tiny model never stops by itself)."""
+    firsts: dict[int, set] = {}
+    for o in hf(m, prompts, max_new_tokens=n, progress=False):
+        for k, t in enumerate(o["ids"]):
+            if k and t not in o["ids"][:k]:
+                firsts.setdefault(t, set()).add(k)
+    return max(firsts, key=lambda t: len(firsts[t]))
+
+
+def test_continuous_batching_equals_hf_generate_and_one_by_one(loop, monkeypatch):
+    from steerlm import generation
+
+    loop.eos_ids = sorted({*loop.eos_ids, common_token(loop, MANY, 20)})
+    ref = hf(loop, MANY, max_new_tokens=20, batch_size=4, progress=False)
+    assert 1 < sum(o["stopped"] for o in ref) < len(MANY)  # rows stop at different steps, some run out
+    assert len({o["tokens"] for o in ref}) > 2
+    chunked = []
+    plain = generation.rows_sdpa_attention
+    monkeypatch.setattr(generation, "rows_sdpa_attention",
+                        lambda *a, **kw: chunked.append(len(kw.get("steerlm_chunks") or [])) or plain(*a, **kw))
+    got = loop.generate(MANY, max_new_tokens=20, batch_size=1, progress=False)
+    assert got == ref  # text, tokens, stopped, ids, attributes
+    assert max(chunked) > 1  # rows of different lengths attended per chunk
+    assert loop.model.config._attn_implementation == "sdpa"  # restored
+    alone = [loop.generate([p], max_new_tokens=20, progress=False)[0] for p in MANY[:5]]
+    assert alone == got[:5]
+    generated = loop.stats.generated_tokens
+    loop.generate(MANY, max_new_tokens=20, batch_size=1, progress=False)
+    assert loop.stats.generated_tokens - generated == sum(len(o["ids"]) for o in got)  # stop tokens counted
+
+
+def test_max_new_tokens_is_respected(loop):
+    for n in (1, 2, 7):
+        outs = loop.generate(MANY, max_new_tokens=n, batch_size=1, progress=False)
+        assert all(len(o["ids"]) <= n and o["tokens"] <= n for o in outs)
+        assert all(len(o["ids"]) == n for o in outs if not o["stopped"])
+        assert outs == hf(loop, MANY, max_new_tokens=n, progress=False)
+
+
+def test_mixed_attributes_and_steering_per_row_equal_separate_calls(loop):
+    import torch
+
+    from steerlm.steering import Ablation, Add, SteeringSpec
+
+    H = loop.model.config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    specs = [SteeringSpec.add(0, torch.randn(H, generator=g), 6.0, positions="generated"),
+             SteeringSpec.add(1, torch.randn(H, generator=g), -5.0, positions="all"),
+             SteeringSpec({0: [Ablation(torch.randn(H, generator=g), 0.0)],
+                           1: [Add(torch.randn(H, generator=g), 4.0)]}, positions="prompt"), None]
+    prompts = MANY[:8]
+    attrs = [{"verbosity": k % 5, "complexity": (k * 2) % 5} for k in range(8)]
+    steering = [specs[k % 4] for k in range(8)]
+    together = loop.generate(prompts, attrs, max_new_tokens=12, batch_size=1, steering=steering, progress=False)
+    separate = [loop.generate([p], a, max_new_tokens=12, steering=s, progress=False)[0]
+                for p, a, s in zip(prompts, attrs, steering)]
+    assert together == separate == hf(loop, prompts, attrs, max_new_tokens=12, steering=steering, progress=False)
+    plain = loop.generate(prompts, attrs, max_new_tokens=12, batch_size=1, progress=False)
+    assert [o["text"] for o in plain][3::4] == [o["text"] for o in together][3::4]  # unsteered rows
+    assert all(p["text"] != t["text"] for p, t, s in zip(plain, together, steering) if s is not None)  # steered rows
+    # one spec for every row, steering only the generated tokens
+    one = loop.generate(prompts, max_new_tokens=12, batch_size=1, steering=specs[0], progress=False)
+    assert one == [loop.generate([p], max_new_tokens=12, steering=specs[0], progress=False)[0] for p in prompts]
+
+
+def test_sampling_is_deterministic_for_a_seed_and_batch_independent(loop):
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=40, top_p=0.9, progress=False)
+    a = loop.generate(MANY, seed=7, batch_size=1, **kw)
+    assert loop.generate(MANY, seed=7, batch_size=1, **kw) == a
+    loop.max_rows = 11
+    assert loop.generate(MANY, seed=7, **kw) == a  # per-prompt streams: the batch does not change the draws
+    assert [o["text"] for o in loop.generate(MANY, seed=8, **kw)] != [o["text"] for o in a]
+    # a repeated prompt gets its own draws; greedy is not what sampling picks
+    assert MANY[4] == MANY[0] and a[4]["text"] != a[0]["text"]
+    assert [o["text"] for o in a] != [o["text"] for o in loop.generate(MANY, max_new_tokens=16, progress=False)]
+
+
+def test_top_k_1_sampling_is_greedy(loop):
+    greedy = loop.generate(MANY, max_new_tokens=10, progress=False)
+    assert loop.generate(MANY, max_new_tokens=10, do_sample=True, top_k=1, seed=5, progress=False) == greedy
+    assert loop.generate(MANY, max_new_tokens=10, do_sample=True, top_p=1e-6, seed=5, progress=False) == greedy
+
+
+def test_stop_strings_that_are_not_tokens_cut_rows_in_a_batch(sft_dir, tmp_path):
+    """A two-token stop string met at different steps by different prompts: equal to HF generate's cut."""
+    m = SteerableModel.load(str(sft_dir), device="cpu")
+    prompts = [p for p in MANY if isinstance(p, str)]  # a stop string must also close the template's past turns
+    outs = hf(m, prompts, max_new_tokens=30, progress=False)
+    decode = lambda t: m.tokenizer.decode(t, skip_special_tokens=False)
+    counts = {}
+    for j, o in enumerate(outs):
+        for k in range(2, len(o["ids"]) - 1):
+            s = decode(o["ids"][k:k + 2])
+            if s.isascii() and s.strip() and decode(o["ids"][:k + 2]).endswith(s):
+                counts.setdefault(s, set()).add((str(prompts[j]), k))
+    stop = max(counts, key=lambda s: (len({p for p, _ in counts[s]}), len(counts[s])))  # in the most answers
+    stopper = SteerableModel.load(str(with_card(sft_dir, tmp_path / "m", format={"stop_strings": [stop]})), device="cpu")
+    assert stopper.hf_stop_strings == [stop]
+    stopper.max_rows = 3
+    got = stopper.generate(prompts, max_new_tokens=30, batch_size=1, progress=False)
+    ref = hf(stopper, prompts, max_new_tokens=30, batch_size=4, progress=False)
+    assert [(o["text"], o["tokens"], o["stopped"]) for o in got] == [(o["text"], o["tokens"], o["stopped"]) for o in ref]
+    assert sum(o["stopped"] for o in got) >= 2 and all(stop not in o["text"] for o in got)
+    assert all(stop in decode(o["ids"]) and stop not in decode(o["ids"][:-1]) for o in got if o["stopped"])
+
+
+def test_models_the_loop_cannot_reproduce_use_hf_generate(loop):
+    from steerlm.generation import unsupported
+
+    assert unsupported(loop.model, do_sample=False) is None
+    gc = loop.model.generation_config
+    gc.repetition_penalty = 1.3
+    try:
+        assert "repetition_penalty" in unsupported(loop.model, do_sample=False)
+        assert loop.generate(MANY[:4], max_new_tokens=12, progress=False) == hf(loop, MANY[:4], max_new_tokens=12,
+                                                                               progress=False)
+    finally:
+        gc.repetition_penalty = 1.0
+
+
+def test_prefix_families_and_row_chunks():
+    from steerlm.generation import chunk_rows
+    from steerlm.generation_prefill import families
+
+    system, a, b = [1] * 30, [2] * 12, [4] * 12
+    seqs = [system + a + [3, k] + [5] * 20 for k in range(4)] + [system + b + [3, k] for k in range(3)] + [[9] * 40]
+    assert families(seqs, [None] * 8) == [([0, 1, 2, 3], 43), ([4, 5, 6], 43), ([7], None)]
+    assert families(seqs[:2], [None, "other spec"]) == [([0], None), ([1], None)]  # different steering: no sharing
+    assert families([[7] * 20, [7] * 20], [None, None]) == [([0, 1], 19)]  # duplicates: all but the last token
+    assert chunk_rows([99, 98, 97, 40, 39, 10]) == [(0, 3, 100, True), (3, 5, 41, True), (5, 6, 11, False)]
+    assert chunk_rows([5, 5]) == [(0, 2, 6, False)]

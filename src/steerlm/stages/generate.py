@@ -10,11 +10,17 @@ strings, which attributes are steerable and their defaults. Attributes the calle
 sets to None) take the card's defaults, so the label string always lists every steerable attribute,
 as in training. Values are rounded to the scale's integers, as the training label strings were.
 
-Batching: prompts are sorted by length, cut into batches of `batch_size`, LEFT padded (generation
-appends on the right), and the results are returned in input order. Greedy decoding is
-deterministic; sampling is deterministic for a given seed and batch_size (one RNG stream per call,
-forked so the caller's RNG state is untouched). HF `generate` stops a row at a stop string but keeps
-it in the output, so the text is cut at the first stop string here (and at the first eos token).
+Decoding (`steerlm.generation`): continuous batching. The live batch holds as many rows as fit
+`batch_tokens` KV-cache tokens (at least `batch_size`); a row that finishes leaves at once and the next
+prompt (longest first) takes its slot; prompts that share a prefix (one prompt at several attribute
+levels) prefill it once. Results are returned in input order. Greedy decoding is deterministic and
+gives HF `generate`'s outputs; sampling is deterministic for a given seed, whatever the batch (one
+generator per prompt; the caller's RNG state is untouched) but draws differently from HF `generate`.
+`backend = "hf_generate"` keeps the previous path (HF `generate` on sorted, left-padded batches of
+`batch_size`): the reference for tests and scripts/bench_generate.py, and what models whose
+generation_config needs HF's logits processors (repetition_penalty, ...) or whose cache is not plain
+full attention (sliding windows, ...) use. A stop string that is an added token stops as an eos id; other
+stop strings are matched on the decoded tail. The text is cut at the first stop string (and eos).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from tqdm import tqdm
 from ..attributes import AttributeSchema
 from ..checkpoint import write_text_atomic
 from ..errors import ConfigError, DataError
+from ..generation import Sampler, StopStrings, generate_continuous, unsupported
 from ..models.policy import load_for_generation, read_card
 from ..models.reward_model import load_tokenizer
 from ..sft_template import SFTFormat, prompt_ids
@@ -127,7 +134,8 @@ class SteerableModel:
         self.defaults = {a: float(v) for a, v in card["default_attributes"].items()}
         self.stop_strings = self.format.resolved_stop_strings(tokenizer)
         # a stop string that is an added token (<|im_end|>, <extra_id_1> in most vocabularies) stops as an eos id:
-        # no per-step string matching; the others go to HF's stop_strings. The text is cut at any of them.
+        # no per-step string matching; the others are matched on the decoded text (StopStrings; HF's stop_strings
+        # on the hf_generate path). The text is cut at any of them.
         added = tokenizer.get_added_vocab()
         self.hf_stop_strings = [s for s in self.stop_strings if s not in added]
         eos = model.generation_config.eos_token_id
@@ -135,6 +143,13 @@ class SteerableModel:
         eos += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.eos_ids = sorted({*eos, *(added[s] for s in self.stop_strings if s in added)})
         self.stats = GenerationStats()
+        # decoding: "continuous" (steerlm.generation) or "hf_generate" (HF generate on fixed batches: the reference)
+        self.backend = "continuous"
+        # the live batch: as many rows as fit `batch_tokens` KV-cache tokens (prompt + new tokens each), <= max_rows.
+        # On 2 CPU cores a step is matmul-bound from ~64 rows on (SmolLM2-135M: 64 rows 226, 128 rows 263
+        # tokens/s of linears alone), and its KV cache costs 46 KB a token, so ~80 rows of a 200-token budget.
+        self.batch_tokens = 16384 if device.type == "cpu" else 65536
+        self.max_rows = 256
 
     @classmethod
     def load(cls, path: str, device: str = "auto", precision: str = "auto") -> "SteerableModel":
@@ -170,6 +185,7 @@ class SteerableModel:
         (False: ran out of max_new_tokens); ids: the sampled token ids, the stopping token(s) included.
         progress: a tqdm bar when there is more than one batch. steering: activation steering, a
         `steerlm.steering.SteeringSpec` for every prompt or a list with one (or None) per prompt.
+        batch_size: the rows decoded together (hf_generate), a floor on them (continuous).
         """
         check_options(max_new_tokens, do_sample, temperature, top_p, top_k, batch_size)
         if isinstance(prompts, (str, Mapping)):
@@ -190,14 +206,39 @@ class SteerableModel:
             except PromptError as e:
                 raise DataError("prompts", i + 1, e.field, e.message) from None
             ids.append(prompt_ids(self.format, self.tokenizer, self.schema, system, turns, resolved[i]))
+        t0 = time.time()
+        reason = "backend='hf_generate'" if self.backend == "hf_generate" else unsupported(self.model, do_sample)
+        with tqdm(total=len(ids), desc="generate", unit="resp", disable=len(ids) <= batch_size or not progress,
+                  dynamic_ncols=True) as bar:
+            if reason is None:
+                sampler = Sampler(do_sample, float(temperature), int(top_k), float(top_p), int(seed), int(max_new_tokens))
+                new = generate_continuous(
+                    self.model, ids, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_token_id,
+                    sampler=sampler, max_rows=self.live_rows(ids, max_new_tokens, batch_size), steering=steering,
+                    stop=StopStrings(self.tokenizer, self.hf_stop_strings) if self.hf_stop_strings else None,
+                    on_done=lambda _i: bar.update(1))
+                results = [{**self._cut(n), "attributes": a} for n, a in zip(new, resolved)]
+            else:
+                results = self._generate_hf(ids, resolved, max_new_tokens, do_sample, temperature, top_p, top_k, seed,
+                                            batch_size, steering, bar)
+        self.stats.prompts += len(ids)
+        self.stats.prompt_tokens += sum(map(len, ids))
+        self.stats.seconds += time.time() - t0
+        return results
+
+    def live_rows(self, ids: Sequence[list[int]], max_new_tokens: int, batch_size: int) -> int:
+        """Rows decoded together: at least batch_size, more while their KV cache fits in `batch_tokens` tokens."""
+        per_row = sum(map(len, ids)) / max(1, len(ids)) + max_new_tokens
+        return max(int(batch_size), min(self.max_rows, int(self.batch_tokens // per_row)))
+
+    def _generate_hf(self, ids, resolved, max_new_tokens, do_sample, temperature, top_p, top_k, seed, batch_size,
+                     steering, bar) -> list[dict]:
+        """The reference path: HF `generate` on fixed, left-padded batches of `batch_size` (longest first)."""
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {"do_sample": False}
         order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
         results: list[Optional[dict]] = [None] * len(ids)
-        t0 = time.time()
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), \
-                tqdm(total=len(ids), desc="generate", unit="resp", disable=len(ids) <= batch_size or not progress,
-                     dynamic_ncols=True) as bar:
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
@@ -205,9 +246,6 @@ class SteerableModel:
                 for i, new in zip(batch, self._generate_batch([ids[i] for i in batch], max_new_tokens, sampling, specs)):
                     results[i] = {**new, "attributes": resolved[i]}
                 bar.update(len(batch))
-        self.stats.prompts += len(ids)
-        self.stats.prompt_tokens += sum(map(len, ids))
-        self.stats.seconds += time.time() - t0
         return results
 
     def left_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:

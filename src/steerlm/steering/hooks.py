@@ -5,6 +5,9 @@ Positions. A pre-hook on the decoder stack counts the positions it has seen in t
 layer knows the absolute position t of each of its T inputs whether it runs a whole sequence or one
 cached decoding step. Row r's positions t < prompt_lengths[r] are its prompt, the rest are generated
 tokens (left-padded generation: prompt_lengths = the padded prompt width for every row).
+
+Continuous batching (rows join and leave between decoding steps) calls `set_batch` on the yielded
+context whenever the rows change: each row then has its own position, advanced by every forward.
 """
 
 from __future__ import annotations
@@ -45,9 +48,24 @@ class Capture:
         return torch.cat(self._parts[layer], dim=1)
 
 
+class SteerContext(Capture):
+    """What `steer` yields: the capture, plus `set_batch` for a batch whose rows change between forwards."""
+
+    def __init__(self, layers: Sequence[int], set_batch):
+        super().__init__(layers)
+        self._set_batch = set_batch
+
+    def set_batch(self, specs: Specs, prompt_lengths: Optional[Sequence[int]] = None,
+                  positions: Optional[Sequence[int]] = None) -> None:
+        """The rows of the next forwards: specs (one per row, each one the context was opened with, or None;
+        or one for all rows), row r's prompt is its positions < prompt_lengths[r], and its next input token
+        is at position positions[r] (each forward then advances every row by its length)."""
+        self._set_batch(specs, prompt_lengths, positions)
+
+
 @contextlib.contextmanager
 def steer(model: nn.Module, specs: Specs = None, *, batch_size: Optional[int] = None,
-          prompt_lengths: Optional[Sequence[int]] = None, capture_layers: Sequence[int] = ()) -> Iterator[Capture]:
+          prompt_lengths: Optional[Sequence[int]] = None, capture_layers: Sequence[int] = ()) -> Iterator[SteerContext]:
     """specs: None, one SteeringSpec for every row, or one (or None) per row of the batch."""
     layers = decoder_layers(model)
     per_row = specs if isinstance(specs, (list, tuple)) else None
@@ -58,11 +76,19 @@ def steer(model: nn.Module, specs: Specs = None, *, batch_size: Optional[int] = 
         s.check(len(layers), hidden_size(model))
         if s.positions != "all" and prompt_lengths is None:
             raise ConfigError(f"steering positions={s.positions!r} needs the prompt lengths of the batch")
-    capture = Capture(capture_layers)
-    state = {"seen": 0, "offset": 0}
-    # fixed for the whole context: built once here, not on every layer of every decoding step
-    row_of = {k: None if per_row is None else torch.tensor([r is s for r in per_row]) for k, s in distinct.items()}
-    lengths = torch.as_tensor(prompt_lengths) if prompt_lengths is not None else None
+    state = {"seen": 0, "offset": 0, "positions": None, "row_offset": None}
+
+    def set_batch(row_specs, lengths, positions):
+        # built when the rows change, not on every layer of every decoding step
+        rows = row_specs if isinstance(row_specs, (list, tuple)) else None
+        if rows is not None and any(s is not None and not s.is_noop() and id(s) not in distinct for s in rows):
+            raise ConfigError("set_batch: a row's steering spec is not one the steer() context was opened with")
+        state["row_of"] = {k: None if rows is None else torch.tensor([r is s for r in rows]) for k, s in distinct.items()}
+        state["lengths"] = torch.as_tensor(lengths) if lengths is not None else None
+        state["positions"] = torch.as_tensor(positions) if positions is not None else None
+
+    capture = SteerContext(capture_layers, set_batch)
+    set_batch(per_row, prompt_lengths, None)  # fixed rows: one shared position counter
 
     def count_positions(_module, args, kwargs):
         x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
@@ -70,6 +96,9 @@ def steer(model: nn.Module, specs: Specs = None, *, batch_size: Optional[int] = 
             x = args[0]
         state["offset"] = state["seen"]
         state["seen"] += int(x.shape[1])
+        state["row_offset"] = state["positions"]  # per-row positions (set_batch) or None
+        if state["positions"] is not None:
+            state["positions"] = state["positions"] + int(x.shape[1])
 
     def layer_hook(index: int):
         def hook(_module, _args, output):
@@ -79,11 +108,12 @@ def steer(model: nn.Module, specs: Specs = None, *, batch_size: Optional[int] = 
                 ls = spec.layers.get(index)
                 if ls is None or ls.is_noop():
                     continue
-                rows = row_of[key]
+                rows = state["row_of"][key]
                 mask = (torch.ones(B, dtype=torch.bool) if rows is None else rows).to(h.device).unsqueeze(1).expand(B, T)
                 if spec.positions != "all":
-                    t = state["offset"] + torch.arange(T, device=h.device).unsqueeze(0)
-                    is_prompt = t < lengths.to(h.device).unsqueeze(1)
+                    first = state["offset"] if state["row_offset"] is None else state["row_offset"].to(h.device).unsqueeze(1)
+                    t = first + torch.arange(T, device=h.device).unsqueeze(0)
+                    is_prompt = t < state["lengths"].to(h.device).unsqueeze(1)
                     mask = mask & (is_prompt if spec.positions == "prompt" else ~is_prompt)
                 h = torch.where(mask.unsqueeze(-1), ls.apply(h), h)
             if index in capture.layers:
