@@ -89,6 +89,10 @@ class AttributeSchema:
             raise ValueError(f"attribute {attribute!r}: value {value!r} is outside [{self.scale_min:g}, {self.scale_max:g}]")
         return v
 
+    def levels(self) -> list[float]:
+        """The integer levels of the scale (0..4 for SteerLM): what label strings hold after rounding."""
+        return [float(v) for v in range(math.ceil(self.scale_min), math.floor(self.scale_max) + 1)]
+
     # ------------------------------------------------------------------ label vectors
     def to_vector(self, labels: Mapping[str, float]) -> list[float]:
         """{name: value} -> list in schema order, `missing` where absent. Validates every entry."""

@@ -45,18 +45,23 @@ from ..checkpoint import write_bytes_atomic, write_text_atomic
 from ..data.sources import load_mixture, require_input_schemas
 from ..engines import torch_engine as te
 from ..logging import print0
+from .. import label_calibration as cal
+from ..errors import ConfigError
+from ..label_calibration import HUMAN
 from ..scoring import RewardScorer, ScoreStats
 
 MANIFEST = "manifest.json"
 # per-chunk counts kept in its .done record, so the summary describes the whole output after a resume
-CHUNK_COUNTS = ("inputs", "scored", "skipped_over_length", "truncated_left", "tokens", "padded_tokens")
+CHUNK_COUNTS = ("inputs", "scored", "skipped_over_length", "truncated_left", "from_cache", "tokens", "padded_tokens")
 
 
 def label_conversations(conversations: Sequence[dict], scorer: RewardScorer, *, keep_human_labels: bool = False,
-                        stats: Optional[ScoreStats] = None) -> list[dict]:
+                        stats: Optional[ScoreStats] = None, attributes: Optional[Sequence[str]] = None) -> list[dict]:
     """Score every assistant turn; return new conversations with labels, label strings and raw scores.
 
     The Python entry point of stage 2: one batched scoring call for all turns of all conversations.
+    attributes: the RM-trained attributes to write (None: all of them). With keep_human_labels, a turn's
+    `human_labels` lists the attributes whose values are human (calibration leaves those alone).
     """
     stats = stats if stats is not None else ScoreStats()
     requests, where = [], []
@@ -68,7 +73,7 @@ def label_conversations(conversations: Sequence[dict], scorer: RewardScorer, *, 
     seqs = [scorer.tokenize(s, t, f"{conversations[c]['id']} turn {k}", stats)
             for (s, t), (c, k) in zip(requests, where)]
     preds = scorer.score_ids(seqs, stats)
-    keep = [scorer.schema.index(a) for a in scorer.trained_attributes]
+    keep = [scorer.schema.index(a) for a in (scorer.trained_attributes if attributes is None else attributes)]
     out = [{**conv, "turns": [dict(t) for t in conv["turns"]]} for conv in conversations]
     lo, hi = scorer.schema.scale_min, scorer.schema.scale_max
     for (c, k), pred in zip(where, preds):
@@ -83,6 +88,7 @@ def label_conversations(conversations: Sequence[dict], scorer: RewardScorer, *, 
         labels = {a: float(round(min(hi, max(lo, v)))) for a, v in scores.items()}
         if keep_human_labels and turn["labels"]:
             labels.update(turn["labels"])  # human values win; the RM fills only the missing attributes
+            turn[HUMAN] = sorted(turn["labels"], key=scorer.schema.index)
         turn.pop("label_status", None)  # a relabeled row passed in as is may carry an earlier run's status
         turn.update({"labels": labels, "scores": scores, "label": scorer.schema.format_label(labels)})
     return out
@@ -118,6 +124,11 @@ def _run(cfg: DictConfig, info: te.DistInfo) -> dict:
                           sequence_parallel=getattr(info, "sequence_parallel", False))
     # under Megatron the TP and PP ranks of a replica score the same chunks together: one of them writes
     writer = getattr(info, "tp_rank", 0) == 0 and getattr(info, "pp_rank", 0) == 0
+    cache_dir = feature_cache_dir(cfg.get("reuse_features"), cfg.rm, scorer.card)
+    if cache_dir:
+        print0(f"label: {scorer.reuse_features(cache_dir)} RM inputs have stored features ({cache_dir}): "
+               f"scored without a forward")
+    written = written_attributes(cfg, scorer)
     specs = [OmegaConf.to_container(s, resolve=True) for s in cfg.input]
     require_input_schemas(specs, scorer.schema, other_what=f"RM {cfg.rm}")  # a labeled input carries its schema
     conversations, load_stats = load_mixture(specs, scorer.schema)
@@ -133,7 +144,8 @@ def _run(cfg: DictConfig, info: te.DistInfo) -> dict:
     with tqdm(total=len(todo), desc=f"label[rank {info.rank}]", disable=not info.is_main, dynamic_ncols=True) as bar:
         for c in todo:
             chunk_stats = ScoreStats()
-            rows = label_conversations(chunks[c], scorer, keep_human_labels=cfg.keep_human_labels, stats=chunk_stats)
+            rows = label_conversations(chunks[c], scorer, keep_human_labels=cfg.keep_human_labels, stats=chunk_stats,
+                                       attributes=written)
             if writer:
                 commit_chunk(parts, c, rows, fingerprint, chunk_stats)
             stats.add(chunk_stats)
@@ -151,13 +163,36 @@ def _run(cfg: DictConfig, info: te.DistInfo) -> dict:
     return summary or {}
 
 
+def written_attributes(cfg, scorer: RewardScorer) -> list[str]:
+    """The RM attributes this run writes: `attributes` (each one the RM was trained on), or all trained ones."""
+    if cfg.get("attributes") is None:
+        return list(scorer.trained_attributes)
+    chosen = list(cfg.attributes)
+    bad = [a for a in chosen if a not in scorer.trained_attributes]
+    if bad or not chosen:
+        raise ConfigError(f"attributes: {bad or chosen} not written: the RM {cfg.rm} was trained on "
+                          f"{', '.join(scorer.trained_attributes)}")
+    return sorted(set(chosen), key=scorer.schema.index)
+
+
+def feature_cache_dir(setting, rm: str, card: dict) -> Optional[str]:
+    """reuse_features: null -> None; a dir -> it; "auto" -> the reward run's cache/ next to the RM's model/ when the
+    RM's card records a frozen-backbone feature cache (else None: every turn takes a forward, as with null)."""
+    if not setting:
+        return None
+    if str(setting) != "auto":
+        return str(setting)
+    auto = Path(rm).parent / "cache"
+    return str(auto) if card.get("feature_fingerprint") and (auto / "features.json").exists() else None
+
+
 def run_fingerprint(cfg, scorer: RewardScorer, conversations: Sequence[dict]) -> str:
     """Same RM, settings and input -> same fingerprint; a committed chunk from another run is not reused."""
     h = hashlib.sha256()
     # resolved values: batching, device type and dtype decide the exact floats a chunk holds
     h.update(json.dumps([str(Path(cfg.rm).resolve()), scorer.template, scorer.max_length, cfg.over_length,
                          cfg.keep_human_labels, cfg.chunk_size, scorer.batch_tokens, scorer.device.type,
-                         str(scorer.dtype)]).encode())
+                         str(scorer.dtype), written_attributes(cfg, scorer), bool(cfg.get("reuse_features"))]).encode())
     for f in sorted(Path(cfg.rm).glob("*.safetensors")):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -193,12 +228,21 @@ def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_st
     if missing:
         raise RuntimeError(f"chunks {missing[:10]} are not committed; rerun the same command to finish them")
     tmp = output.with_name(output.name + ".tmp")
-    if cfg.output_format == "jsonl":
+    target = cfg.calibration.target
+    target = OmegaConf.to_container(target, resolve=True) if OmegaConf.is_config(target) else target
+    calib = cal.targets(str(cfg.calibration.method), written_attributes(cfg, scorer), target, scorer.card,
+                        scorer.schema.levels())
+    calibration = {}
+    if cfg.output_format == "jsonl" and not calib:
         with open(tmp, "wb") as f:
             for c in range(n_chunks):
                 f.write(_chunk_paths(parts, c)[0].read_bytes())
     else:
         rows = [json.loads(line) for c in range(n_chunks) for line in _chunk_paths(parts, c)[0].read_bytes().splitlines()]
+        calibration = cal.calibrate(rows, calib, scorer.schema.levels(), scorer.schema.format_label)
+    if cfg.output_format == "jsonl" and calib:
+        write_bytes_atomic(tmp, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    elif cfg.output_format != "jsonl":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -216,6 +260,7 @@ def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_st
     summary = {"rows": sum(r["rows"] for r in records),
                "turns_scored": counts["scored"], "skipped": {"over_length": counts["skipped_over_length"]},
                "truncated_left": counts["truncated_left"], "tokens": counts["tokens"],
+               "turns_from_feature_cache": counts["from_cache"],
                "chunks": n_chunks, "turns_scored_by_this_run": total.scored,
                # per rank, over the chunks this run scored (a resumed run counts only its own work)
                "tokens_per_s_per_rank": round(total.tokens / total.seconds, 1) if total.seconds else None,
@@ -224,7 +269,9 @@ def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_st
                "peak_mem_mb": round(te.peak_memory_mb(info.device), 1), "world_size": info.world_size,
                "tensor_parallel": getattr(info, "tp", 1), "pipeline_parallel": getattr(info, "pp", 1),
                "sequence_parallel": getattr(info, "sequence_parallel", False),
-               "rm": str(cfg.rm), "trained_attributes": scorer.trained_attributes, "load": load_stats}
+               "rm": str(cfg.rm), "trained_attributes": scorer.trained_attributes,
+               "written_attributes": written_attributes(cfg, scorer),
+               "calibration": {"method": str(cfg.calibration.method), "attributes": calibration}, "load": load_stats}
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out_dir / MANIFEST, json.dumps({"output": output.name, "sha256": digest,
                                                       "fingerprint": fingerprint, "rows": summary["rows"]}) + "\n")

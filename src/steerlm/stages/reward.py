@@ -191,6 +191,9 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     if info.is_main:
         card = {"template": cfg.template, "max_length": cfg.max_length, "loss": cfg.loss.type,
                 "trained_attributes": data["trained_attributes"], "train_label_means": data["train_means"],
+                "train_label_counts": data["train_counts"],
+                # frozen backbone: the features in run_dir/cache are this RM's; a scorer may reuse them (label stage)
+                "feature_fingerprint": forward.cache.fingerprint if forward.cache else None,
                 "pair_weights": pair_w.tolist(), "eval": results}
         hf_state = {k.removeprefix("hf_model."): v for k, v in model_state.items()}
         ckpt.save_hf_model(rm.hf_model, hf_state, run_dir / "model", tokenizer=tokenizer, schema=schema,
@@ -232,7 +235,7 @@ def setup_data(cfg: DictConfig, schema, tokenizer, pair_objective: bool) -> dict
                "train_lengths": rd.summarize_lengths([len(s["input_ids"]) for s in train])}
     print0(f"data: {json.dumps({k: reports[k] for k in ('train', 'val', 'train_pairs', 'val_pairs')})}")
     return {"train": train, "val": val, "train_pairs": train_pairs, "val_pairs": val_pairs, "reports": reports,
-            "train_means": rd.train_label_means(train, schema),
+            "train_means": rd.train_label_means(train, schema), "train_counts": rd.train_label_counts(train, schema),
             "trained_attributes": rd.annotated_attributes(train, schema) if not pair_objective else
             [a for a, w in zip(schema.attributes, pair_weights(cfg, schema)) if w]}
 

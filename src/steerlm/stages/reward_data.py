@@ -125,6 +125,19 @@ def train_label_means(samples: Sequence[dict], schema: AttributeSchema) -> dict[
     return {a: sums[k] / counts[k] for k, a in enumerate(schema.attributes) if counts[k]}
 
 
+def train_label_counts(samples: Sequence[dict], schema: AttributeSchema) -> dict[str, dict[str, int]]:
+    """Per attribute, training labels per integer level ({"0": n0, ...}): the target of label calibration."""
+    levels = schema.levels()
+    out: dict[str, dict[str, int]] = {}
+    for s in samples:
+        for a, v in zip(schema.attributes, s["labels"]):
+            if v != schema.missing:
+                lv = min(levels, key=lambda x: abs(x - v))  # HelpSteer2 / OASST labels are integers already
+                c = out.setdefault(a, {f"{x:g}": 0 for x in levels})
+                c[f"{lv:g}"] += 1
+    return out
+
+
 def annotated_attributes(samples: Sequence[dict], schema: AttributeSchema) -> list[str]:
     """Attributes with at least one training label: the heads this RM actually learns."""
     return [a for a in train_label_means(samples, schema)]

@@ -24,6 +24,8 @@ from ..data.batching import pad_token_batch
 from ..engines import torch_engine as te
 from ..logging import print0
 from ..models.embedded import resolve_model_path
+from ..checkpoint import write_text_atomic
+from ..scoring import ids_digest
 
 
 class RewardForward:
@@ -80,10 +82,10 @@ class FeatureCache:
     precision and every token id; a rerun with the same inputs loads it instead of recomputing.
     """
 
-    def __init__(self, features: torch.Tensor, keys: list[str], tokens_per_s: Optional[float]):
+    def __init__(self, features: torch.Tensor, keys: list[str], tokens_per_s: Optional[float], fingerprint: str):
         self.features = features  # (N, H) fp32
         self.row = {k: i for i, k in enumerate(keys)}
-        self.tokens_per_s = tokens_per_s
+        self.tokens_per_s, self.fingerprint = tokens_per_s, fingerprint
 
     def lookup(self, items: list[dict], key: str) -> torch.Tensor:
         return self.features[[self.row[f"{x['id']}|{key}"] for x in items]]
@@ -99,7 +101,10 @@ class FeatureCache:
         if path.exists() and meta_path.exists() and json.loads(meta_path.read_text())["fingerprint"] == fingerprint:
             meta = json.loads(meta_path.read_text())
             print0(f"feature cache: reusing {path} ({len(keys)} inputs)")
-            return cls(load_file(str(path))["features"], meta["keys"], meta["tokens_per_s"])
+            if "ids_sha1" not in meta and forward.info.is_main:  # written before caches were content-addressed
+                meta["ids_sha1"] = [ids_digest(x["ids"]) for x in flat]
+                write_text_atomic(meta_path, json.dumps(meta))
+            return cls(load_file(str(path))["features"], meta["keys"], meta["tokens_per_s"], fingerprint)
         rm = forward.rm
         rm.eval()
         t0 = time.time()
@@ -116,10 +121,12 @@ class FeatureCache:
             save_file({"features": feats.contiguous()}, str(tmp))
             tmp.replace(path)
             meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
-            meta_tmp.write_text(json.dumps({"fingerprint": fingerprint, "keys": keys, "tokens_per_s": tps}))
+            # ids_sha1: content addresses, so a scorer of the same RM can reuse a feature (steerlm.scoring)
+            meta_tmp.write_text(json.dumps({"fingerprint": fingerprint, "keys": keys, "tokens_per_s": tps,
+                                            "ids_sha1": [ids_digest(x["ids"]) for x in flat]}))
             meta_tmp.replace(meta_path)
         te.barrier()
-        return cls(feats, keys, tps)
+        return cls(feats, keys, tps, fingerprint)
 
 
 def _fingerprint(cfg, flat: list[dict]) -> str:
