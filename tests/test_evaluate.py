@@ -14,6 +14,7 @@ import pytest
 
 from conftest import HS2_SAMPLE as HS2, run_recipe, tiny_reward_overrides
 from steerlm.attributes import BUILTIN_SCHEMAS
+from steerlm.data.sources import load_mixture
 from steerlm.errors import ConfigError
 from steerlm.stages.evaluate import check_levels, choose_attributes, format_table, load_prompts, steerability_report
 from test_generate import HS2_ATTRS, train_tiny_sft
@@ -21,6 +22,7 @@ from test_generate import HS2_ATTRS, train_tiny_sft
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LEVELS = [0, 2, 4]
 N_PROMPTS = 3
+N_SAMPLES = 2
 
 
 def sample(attribute, level, score, tokens=10, stopped=True):
@@ -58,7 +60,10 @@ def test_report_statistics_match_hand_computed_values():
     assert h["measured_mean"] == [0.0, 9.0, 4.0] and h["measured_sem"] == [None, None, None]
     assert h["spearman"] == pytest.approx(0.5) and h["length_spearman"] is None  # constant length: undefined
     table = format_table(rep)
-    assert "verbosity" in table and f"{14 / math.sqrt(280):.3f}" in table and "n/a" in table
+    assert "verbosity" in table and f"{14 / math.sqrt(280):.2f}" in table and "n/a" in table
+    # every sample its own prompt (no prompt_id): the interval brackets the point estimate
+    ci = v["rm_ci"]
+    assert ci["lo"] <= v["spearman"] <= ci["hi"] and ci["n"] == 6 and v["verdict"] in ("follows", "noise")
 
 
 def test_report_slope_is_ols():
@@ -98,9 +103,16 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict:
         sft = pool.submit(train_tiny_sft, tiny_model_dir, tmp_path_factory)
         pool.submit(run_recipe, "train_reward", *rm_overrides).result()
         sft_dir = sft.result()
+    labeled = base / "labeled.jsonl"  # HelpSteer2's human labels: the activation vectors' and conditioning's data
+    conversations, _ = load_mixture([{"format": "helpsteer2", "path": HS2}], BUILTIN_SCHEMAS["steerlm9"])
+    labeled.write_text("".join(json.dumps(c) + "\n" for c in conversations))
     common = [f"model.path={sft_dir}", f"rm={base / 'rm' / 'model'}", f"n_prompts={N_PROMPTS}",
-              "levels=[0,2,4]", "generation.max_new_tokens=12"]
-    jobs = {"ok": [*common, f"output_dir={base / 'eval'}"],
+              "levels=[0,2,4]", "generation.max_new_tokens=12", f"n_samples={N_SAMPLES}", "n_boot=200"]
+    full = ["baselines.methods=[prompting,activation]", f"baselines.activation.labeled={labeled}",
+            "baselines.activation.coefficients=[-2,-1,0,1,2]", "baselines.activation.max_per_side=8",
+            "baselines.activation.max_length=2048", "conditioning.max_length=2048",
+            f"conditioning.data=[{{format: canonical, path: {labeled}}}]", "conditioning.n=12"]
+    jobs = {"ok": [*common, *full, f"output_dir={base / 'eval'}"],
             "not_steerable": [*common, f"output_dir={base / 'bad'}", "attributes=[quality]"]}
     with ThreadPoolExecutor(2) as pool:
         procs = dict(zip(jobs, pool.map(lambda ov: run_recipe("evaluate", *ov, check=False), jobs.values())))
@@ -112,25 +124,42 @@ def test_evaluate_writes_consistent_json_samples_and_png(runs):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "steerability.json").read_text())
     assert list(result["attributes"]) == HS2_ATTRS  # steerable and RM-trained: all five, in card order
-    assert result["levels"] == LEVELS and result["n_prompts"] == N_PROMPTS
+    assert result["levels"] == LEVELS and result["n_prompts"] == N_PROMPTS and result["n_samples"] == N_SAMPLES
     assert result["generation_stats"]["tokens_per_s"] > 0 and result["peak_mem_mb"] > 0
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == len(HS2_ATTRS) * len(LEVELS) * N_PROMPTS
+    every = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    samples = [s for s in every if s["method"] == "ac_sft"]
+    assert len(samples) == len(HS2_ATTRS) * len(LEVELS) * N_PROMPTS * N_SAMPLES
+    per_prompt = len(HS2_ATTRS) * len(LEVELS) * N_PROMPTS  # baselines: one sample per (prompt, level)
+    assert sum(s["method"] == "prompting" for s in every) == sum(s["method"] == "activation" for s in every) == per_prompt
+    # prompting: the level in words as the system prompt; the base model has no attribute string to follow
+    verbosity_0 = next(s for s in every if s["method"] == "prompting" and s["attribute"] == "verbosity" and s["level"] == 0)
+    assert verbosity_0["system"] == "Answer in one short sentence." and verbosity_0["attributes"] == {}
+    assert set(result["methods"]) == {"ac_sft", "prompting", "activation"}
+    side = result["methods"]["ac_sft"]["side_effects"]  # requested x measured: every RM head, length, text measures
+    assert set(side) == set(HS2_ATTRS) and {"tokens", "rm:verbosity", "text:words", "text:fk_grade"} <= set(side["helpfulness"])
+    cell = side["verbosity"]["tokens"]
+    assert cell["n"] == len(LEVELS) * N_PROMPTS * N_SAMPLES and cell["slope"]["n_clusters"] == N_PROMPTS
+    cond = result["conditioning"]
+    assert set(cond) == {"policy", "base"} and set(cond["policy"]["attributes"]) == set(HS2_ATTRS)
+    for who in ("policy", "base"):
+        m = cond[who]["attributes"]["verbosity"]
+        assert m["n"] == 12 and m["strength"]["lo"] <= m["strength"]["value"] <= m["strength"]["hi"]
     defaults = result["defaults"]
     for s in samples:  # the requested attribute at its level, every other one at the card default
         assert s["attributes"] == {**defaults, s["attribute"]: float(s["level"])}
         assert set(s["scores"]) == set(HS2_ATTRS) and 0 < s["tokens"] <= 12
     for a, m in result["attributes"].items():
         assert {"spearman", "pearson", "slope", "measured_mean", "measured_sem", "length_mean", "length_spearman",
-                "n", "stopped_fraction"} <= set(m)
-        assert m["n"] == m["n_scored"] == len(LEVELS) * N_PROMPTS and len(m["measured_mean"]) == len(LEVELS)
+                "n", "stopped_fraction", "rm_ci", "length_ci", "verdict"} <= set(m)
+        assert m["n"] == m["n_scored"] == len(LEVELS) * N_PROMPTS * N_SAMPLES and len(m["measured_mean"]) == len(LEVELS)
+        assert m["rm_ci"]["n_clusters"] == N_PROMPTS  # the interval resamples prompts, not answers
         for lev, mean in zip(LEVELS, m["measured_mean"]):  # the JSON agrees with the samples it came from
             assert mean == pytest.approx(np.mean([s["scores"][a] for s in samples if s["attribute"] == a and s["level"] == lev]))
-        assert m["spearman"] == steerability_report(samples, [a], LEVELS)[a]["spearman"]
+        assert m["spearman"] == pytest.approx(steerability_report(samples, [a], LEVELS, n_boot=0)[a]["spearman"])
     png = (out / "steerability.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
     assert not list(out.glob("*.tmp"))
-    assert "spearman" in proc.stdout and "tokens/s" in proc.stdout and all(a in proc.stdout for a in HS2_ATTRS)
+    assert "Spearman" in proc.stdout and "tokens/s" in proc.stdout and all(a in proc.stdout for a in HS2_ATTRS)
 
 
 def test_evaluate_cli_bad_attribute_exits_2_with_one_line(runs):

@@ -30,6 +30,7 @@ def tiny_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
             f"label.input=[{{format: oasst, path: {OASST}, max_rows: 200}}]", "label.engine.precision=fp32",
             "sft.engine.precision=fp32", "sft.max_length=2048", "sft.pack_length=null", "sft.train.max_steps=3",
             "sft.train.global_batch_size=8", "sft.model.lora.save_merged=false",
+            "label.attributes=null",  # the tiny RM knows only HelpSteer2: let it write complexity too
             "evaluate.attributes=[verbosity,complexity]", "evaluate.n_prompts=2", "evaluate.levels=[0,4]",
             "evaluate.generation.max_new_tokens=8", *extra]
 
@@ -202,7 +203,7 @@ def test_optional_steerlm2_and_ppo_stages_run_after_evaluate_and_report(tiny_mod
     assert summary["steerability"]["verbosity"]["before"] == before["verbosity"]["spearman"]  # read, not re-measured
     assert not (run_dir / "steerlm2" / "eval_before").exists() and (run_dir / "steerlm2" / "eval_after").is_dir()
     report = (run_dir / "report.md").read_text()
-    assert "## SteerLM 2.0" in report and "steerlm2_distance.png" in report and "Spearman before" in report
+    assert "## SteerLM 2.0" in report and "steerlm2_distance.png" in report and "Spearman(requested, RM) before" in report
     assert "PPO" not in report
 
     # ppo: reads sft, reward and label (its μ, σ); the rest is up to date

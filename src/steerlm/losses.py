@@ -105,3 +105,22 @@ def token_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def sequence_log_probs(model, batch: dict) -> torch.Tensor:
     """Teacher-forced Σ_t log p(token_t | prefix) over the trained (response) tokens of each row -> (rows,)."""
     return token_log_probs(model, batch)[0].sum(-1)
+
+
+def nll_and_sequence_log_probs(model, batch: dict, seq_index: torch.Tensor, n_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward -> (Σ −log p over all trained tokens, (n_seqs,) Σ log p per sequence).
+
+    seq_index (B, T): which sequence (0..n_seqs−1) each token belongs to, −1 for none (padding): packed rows
+    hold several conversations, and a contrastive term needs each one's own response log-likelihood.
+    """
+    lp, _ = token_log_probs(model, batch)
+    keep = seq_index >= 0
+    per_seq = torch.zeros(n_seqs, dtype=lp.dtype, device=lp.device).index_add_(0, seq_index[keep], lp[keep])
+    return -lp.sum(), per_seq
+
+
+def contrast_loss(own: torch.Tensor, other: torch.Tensor, beta: float) -> torch.Tensor:
+    """Σ_c −log σ(β (log π(y_c | x_c, ℓ_c) − log π(y_c | x_c, ℓ'_c))): each response must be more likely under its
+    own label ℓ than under the far level ℓ' of one attribute (a Bradley-Terry loss on label strings, where
+    DPO compares responses). Both log-likelihoods are sums over the response's tokens."""
+    return F.softplus(-beta * (own - other)).sum()

@@ -52,6 +52,12 @@ def _sources(key: str, specs) -> list[tuple[str, str]]:
     return [(f"{key}[{i}].path", s["path"]) for i, s in enumerate(specs or [])]
 
 
+def _activation_labels(c: dict) -> list[tuple[str, str]]:
+    """The labeled turns the activation-steering baseline builds its vectors from (when that baseline runs)."""
+    b = c.get("baselines") or {}
+    return [("baselines.activation.labeled", b["activation"]["labeled"])] if "activation" in (b.get("methods") or []) else []
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str
@@ -73,7 +79,8 @@ STAGES = {s.name: s for s in (
               lambda c: [("model.path", c["model"]["path"])] + _sources("data.train", c["data"]["train"]),
               ("summary.json", "model/steerlm_sft.json"), True, "steerlm.stages.sft"),
     StageSpec("evaluate", "output_dir",
-              lambda c: [("model.path", c["model"]["path"]), ("rm", c["rm"])] + _sources("prompts", c["prompts"]),
+              lambda c: [("model.path", c["model"]["path"]), ("rm", c["rm"])] + _sources("prompts", c["prompts"])
+              + _sources("conditioning.data", c["conditioning"]["data"]) + _activation_labels(c),
               ("steerability.json",), False, "steerlm.stages.evaluate"),
     StageSpec("steerlm2", "run_dir",
               lambda c: [("policy", c["policy"]), ("rm", c["rm"])] + _sources("prompts", c["prompts"])

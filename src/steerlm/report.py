@@ -20,7 +20,8 @@ from .attributes import AttributeSchema
 from .checkpoint import write_text_atomic
 from .logging import read_metrics
 from .pipeline import ORDER, RECORD, read_record
-from .report_render import plot_distributions, plot_loss_curve, plot_panels, to_html, to_markdown
+from .report_render import plot_distributions, plot_intervals, plot_loss_curve, plot_panels, to_html, to_markdown
+from .steerability import format_ci
 
 # The settings a reader needs to interpret each stage (the full config is in <stage>/steerlm_stage.json).
 KEY_SETTINGS = {
@@ -160,24 +161,115 @@ def sft_section(d: Path, out_dir: Path) -> list:
         png = out_dir / "sft_loss.png"
         plot_loss_curve(train, val, png, "SFT loss")
         blocks.append(("img", png, "SFT training loss per optimizer step and the final validation loss"))
+    curves = conditioning_curves(metrics)
+    if curves:
+        png = out_dir / "sft_conditioning.png"
+        plot_intervals(curves, png, "conditioning strength vs trained tokens", xlabel="trained tokens",
+                       ylabel="Spearman(decoded level, own label)")
+        blocks.append(("img", png, "conditioning strength on held-out labeled responses (95% interval) as training "
+                                   "proceeds; the first point is the base model"))
+        blocks.append(("table", ["attribute", "trained tokens", "strength", "95% interval"],
+                       [[a, pts[-1][0], pts[-1][1], f"[{fmt_opt(pts[-1][2])}, {fmt_opt(pts[-1][3])}]"]
+                        for a, pts in curves.items()]))
     return blocks
+
+
+def conditioning_curves(metrics: list[dict]) -> dict[str, list[tuple]]:
+    """{attribute: [(trained tokens, strength, lo, hi)]} from the SFT metrics' conditioning/* lines."""
+    curves: dict[str, list[tuple]] = {}
+    for m in metrics:
+        if "conditioning/trained_tokens" not in m:
+            continue
+        for k, v in m.items():
+            a = k.removeprefix("conditioning/")
+            if k.startswith("conditioning/") and not k.endswith(("_lo", "_hi")) and a not in ("trained_tokens", "seconds"):
+                if v is not None:
+                    curves.setdefault(a, []).append((m["conditioning/trained_tokens"], v, m.get(f"{k}_lo"), m.get(f"{k}_hi")))
+    return curves
 
 
 def evaluate_section(d: Path, n_examples: int, max_chars: int) -> list:
     s = _load(d / "steerability.json")
     if s is None:
         return [("p", "no steerability.json")]
-    rows = [[a, m["n"], m["spearman"], m["pearson"], m["slope"], m["length_spearman"],
+    methods = s.get("methods") or {"ac_sft": {"attributes": s["attributes"], "side_effects": {}}}
+    ac = methods["ac_sft"]
+    rows = [[a, m["n"], format_ci(m.get("rm_ci")), format_ci(m.get("length_ci")), m.get("verdict"),
              " ".join(fmt_opt(v) for v in m["measured_mean"]), " ".join(fmt_opt(v, 0) for v in m["length_mean"])]
-            for a, m in s["attributes"].items()]
-    blocks = [("p", f"Each attribute requested at levels {s['levels']} on {s['n_prompts']} prompts, the others at the "
-                    f"model's defaults; responses rated by the stage-1 RM. Spearman/Pearson/slope: requested vs "
-                    f"RM-measured; length rho: requested vs response tokens."),
-              ("table", ["attribute", "n", "Spearman", "Pearson", "slope", "length rho",
-                         "mean RM score per level", "mean tokens per level"], rows)]
+            for a, m in ac["attributes"].items()]
+    blocks = [("p", f"Each attribute requested at levels {s['levels']} on {s['n_prompts']} prompts x "
+                    f"{s.get('n_samples', 1)} sampled answers, the others at the model's defaults; every answer rated by "
+                    f"the stage-1 RM. Intervals: 95% bootstrap, resampling prompts. An attribute is steered "
+                    f"(verdict 'follows') only when its interval excludes 0."),
+              ("table", ["attribute", "n", "Spearman(requested, RM-measured) [95% CI]",
+                         "Spearman(requested, tokens) [95% CI]", "verdict", "mean RM score per level",
+                         "mean tokens per level"], rows)]
     if (d / "steerability.png").exists():
-        blocks.append(("img", d / "steerability.png", "RM-measured attribute vs requested level (SEM bars)"))
+        blocks.append(("img", d / "steerability.png", "RM-measured attribute and length vs requested level (SEM bars)"))
+    if s.get("conditioning"):
+        blocks += [("h", 3, "Conditioning strength (teacher-forced, no generation)")] + conditioning_blocks(s["conditioning"])
+    if len(methods) > 1:
+        blocks += [("h", 3, "AC-SFT vs just asking vs activation steering")] + comparison_blocks(methods)
+    if ac.get("side_effects"):
+        blocks += [("h", 3, "Side effects: what else moves (AC-SFT)"),
+                   ("p", "Standardized slope of each measure per requested level (measure units / its standard "
+                         "deviation over all answers), 95% interval. rm:* are RM scores; text:* are RM-free "
+                         "(textstat counts; fk_grade = Flesch-Kincaid grade); tokens = response length.")]
+        blocks += side_effect_blocks(ac["side_effects"])
+    blocks += example_blocks(d, s, n_examples, max_chars)
+    return blocks
+
+
+def conditioning_blocks(c: dict) -> list:
+    pol, base = c.get("policy") or {}, c.get("base") or {}
+    rows = []
+    for a, m in (pol.get("attributes") or {}).items():
+        b = (base.get("attributes") or {}).get(a, {})
+        rows.append([a, m.get("n"), format_ci(m.get("strength")), m.get("verdict"), format_ci(b.get("strength")),
+                     format_ci(m.get("length_strength")), fmt_opt(m.get("mean_abs_slope"), 3)])
+    return [("p", "Held-out labeled responses scored under each requested level of an attribute, everything else "
+                  "fixed; per response the level the model decodes (the posterior mean over the requested levels); "
+                  "strength = Spearman(decoded level, the response's own label) over responses (0: the attribute "
+                  "string is ignored; positive: the preference follows the label). The base model, given the same "
+                  "attribute strings, is the control."),
+            ("table", ["attribute", "n", "policy strength [95% CI]", "verdict", "base model strength [95% CI]",
+                       "policy: Spearman(decoded, tokens)", "mean |slope| (nats/level)"], rows)]
+
+
+def comparison_blocks(methods: dict) -> list:
+    from .sweep import worst_side_effect
+
+    rows = []
+    attributes = list(methods["ac_sft"]["attributes"])
+    for a in attributes:
+        for name, res in methods.items():
+            m = res["attributes"][a]
+            worst = worst_side_effect(res.get("side_effects", {}), a)
+            rows.append([a, name, format_ci(m.get("rm_ci")), format_ci(m.get("length_ci")), m.get("verdict"),
+                         "none beyond noise" if worst is None else f"{worst[0]} {worst[1]:+.2f}"])
+    best = {}
+    for a in attributes:
+        scored = [(res["attributes"][a].get("spearman"), n) for n, res in methods.items()
+                  if res["attributes"][a].get("spearman") is not None]
+        best[a] = max(scored)[1] if scored else "n/a"
+    return [("p", "The same prompts answered by the AC-SFT policy (attribute string), by its base model told the level "
+                  "in words (prompting), and by its base model steered by an attribute vector (activation). "
+                  "Largest side effect: the other RM attribute with the largest standardized slope whose interval "
+                  "excludes 0. Highest Spearman(requested, RM-measured): "
+                  + ", ".join(f"{a}: {w}" for a, w in best.items()) + "."),
+            ("table", ["attribute", "method", "Spearman(requested, RM) [95% CI]", "Spearman(requested, tokens) [95% CI]",
+                       "verdict", "largest side effect (std slope)"], rows)]
+
+
+def side_effect_blocks(matrix: dict) -> list:
+    measures = list(next(iter(matrix.values())))
+    rows = [[a] + [format_ci(row[m]["std_slope"]) for m in measures] for a, row in matrix.items()]
+    return [("table", ["requested"] + measures, rows)]
+
+
+def example_blocks(d: Path, s: dict, n_examples: int, max_chars: int) -> list:
     samples = [json.loads(x) for x in open(d / "samples.jsonl")] if (d / "samples.jsonl").exists() else []
+    samples = [x for x in samples if x.get("method", "ac_sft") == "ac_sft" and x.get("sample", 0) == 0]
     lo, hi = min(s["levels"]), max(s["levels"])
     cut = lambda t: t if len(t) <= max_chars else t[:max_chars] + " [...]"
     ex = []
@@ -186,10 +278,10 @@ def evaluate_section(d: Path, n_examples: int, max_chars: int) -> list:
         for pid in list(dict.fromkeys(x["prompt_id"] for x in samples if x["attribute"] == a))[:n_examples]:
             if (pid, lo) in by and (pid, hi) in by:
                 ex.append([a, cut(by[(pid, lo)]["prompt"]), cut(by[(pid, lo)]["response"]), cut(by[(pid, hi)]["response"])])
-    if ex:
-        blocks += [("h", 3, "Example generations: lowest vs highest requested level"),
-                   ("table", ["attribute", "prompt", f"level {lo}", f"level {hi}"], ex)]
-    return blocks
+    if not ex:
+        return []
+    return [("h", 3, "Example generations: lowest vs highest requested level"),
+            ("table", ["attribute", "prompt", f"level {lo}", f"level {hi}"], ex)]
 
 
 def steerlm2_section(d: Path, out_dir: Path) -> list:
@@ -212,8 +304,13 @@ def steerlm2_section(d: Path, out_dir: Path) -> list:
         plot_loss_curve(curve, [], png, "SteerLM 2.0", ylabel="distance KL(w' || b')")
         blocks.append(("img", png, "distance per optimizer step (each step: new prompt groups)"))
     if s.get("steerability"):
-        blocks.append(("table", ["attribute", "Spearman before", "Spearman after", "length rho before", "length rho after"],
-                       [[a, v["before"], v["after"], v["length_before"], v["length_after"]]
+        ci = lambda v, k: format_ci(v.get(f"{k}_ci")) if v.get(f"{k}_ci") else fmt_opt(v.get(k))
+        blocks.append(("p", "Steerability of the SFT policy (before) and of the SteerLM 2.0 policy (after), measured "
+                            "with the same settings; 95% bootstrap intervals resampling prompts."))
+        blocks.append(("table", ["attribute", "Spearman(requested, RM) before", "after", "Spearman(requested, tokens) "
+                                 "before", "after", "conditioning before", "conditioning after"],
+                       [[a, ci(v, "before"), ci(v, "after"), ci(v, "length_before"), ci(v, "length_after"),
+                         format_ci(v.get("conditioning_before")), format_ci(v.get("conditioning_after"))]
                         for a, v in s["steerability"].items()]))
     return blocks
 

@@ -124,6 +124,26 @@ def plot_panels(panels: dict[str, Sequence[tuple[int, float]]], path: Path, titl
     save_figure(fig, path)
 
 
+def plot_intervals(curves: dict[str, Sequence[tuple]], path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    """One line per name through (x, value) with a shaded (lo, hi) band, and the zero line."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    for name, pts in curves.items():
+        x, y = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(x, y, marker="o", label=name)
+        band = [(p[0], p[2], p[3]) for p in pts if p[2] is not None and p[3] is not None]
+        if band:
+            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], alpha=0.15)
+    ax.axhline(0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def plot_distributions(counts: dict[str, list[int]], levels: Sequence[int], path: Path) -> None:
     """One bar panel per attribute: how many labeled turns got each level."""
     import math

@@ -56,10 +56,20 @@ def apply_lora(model, lora_cfg: Mapping):
     from peft import LoraConfig, get_peft_model
 
     targets = lora_cfg.get("target_modules", "all-linear")
+    top = lora_cfg.get("top_layers")
+    layers = None
+    if top is not None:  # adapters on the last k decoder layers only: backward stops below them (cheaper steps)
+        n = model.config.num_hidden_layers
+        if not 0 < int(top) <= n:
+            raise ConfigError(f"model.lora.top_layers={top}: the model has {n} decoder layers")
+        layers = list(range(n - int(top), n))
+        if targets == "all-linear":  # peft takes layers_to_transform only with explicit module names
+            targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and ".layers." in name})
     config = LoraConfig(r=int(lora_cfg["r"]), lora_alpha=float(lora_cfg["alpha"]),
                         lora_dropout=float(lora_cfg.get("dropout", 0.0)),
                         target_modules=list(targets) if not isinstance(targets, str) else targets,
-                        task_type="CAUSAL_LM")
+                        layers_to_transform=layers, task_type="CAUSAL_LM")
     with quiet_peft():
         return get_peft_model(model, config)
 

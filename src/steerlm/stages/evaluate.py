@@ -1,18 +1,21 @@
-"""Steerability evaluation: does the model's output move when an attribute value in its prompt moves?
+"""Steerability evaluation: does the model's output move when an attribute value in its prompt moves, and
+is training worth it against just asking?
 
-For each evaluated attribute a and each requested level l (all other attributes at the card's
-defaults), the model answers every prompt; the stage-1 reward model then rates each response, and
-the response length is counted in tokens. A steerable model has RM-measured a rising with l:
+1. **Sweep.** For each evaluated attribute a and requested level l (the others at the card's defaults), the
+   policy answers every prompt `n_samples` times (sampled). The stage-1 RM rates every answer on every
+   attribute it was trained on; RM-free text measures (words, Flesch-Kincaid grade, exclamations, ...) come
+   from `steerability.text_measures`. Per attribute (`steerlm.sweep`): Spearman(l, RM-measured a) and
+   Spearman(l, tokens) with 95% bootstrap intervals that resample prompts; an attribute counts as steered
+   only when its interval excludes 0 (`verdict`).
+2. **Side effects** (Chang et al., AAAI 2026): the requested-by-measured matrix of standardized slopes.
+3. **Baselines** (`baselines.methods`, `steerlm.baselines`): the base instruct model told the level in words
+   (`prompting`) and steered through its activations (`activation`), same prompts, same measures.
+4. **Conditioning strength** (`conditioning`, `steerlm.conditioning`): teacher-forced, generation-free: does
+   the policy's likelihood of held-out labeled responses follow their own labels? With the base model as
+   the control.
 
-- `spearman`: Spearman rank correlation of (requested l, measured a) over all samples of a — the
-  headline number (scale-free: the RM's raw scores need not match the 0-4 labels exactly);
-- `pearson` and `slope` (OLS of measured on requested; 1.0 = one measured point per requested point);
-- per level: mean measured a with its standard error, mean length in tokens;
-- `length_spearman`: Spearman(requested l, length) — for verbosity this is the RM-free check.
-
-Prompts are the first user turns of the first `n_prompts` unique prompts of a data mixture. All
-generations go through one batched `generate` call and all ratings through one `RewardScorer.score`
-call. Outputs in `output_dir`: `steerability.json` (atomic), `samples.jsonl`, `steerability.png`.
+Prompts are the first user turns of the first `n_prompts` unique prompts of a data mixture. Outputs in
+`output_dir`: `steerability.json` (atomic), `samples.jsonl` (every answer with its measures), `steerability.png`.
 
 Raises:
     ConfigError: an attribute that the model cannot steer or the RM was not trained on; bad levels.
@@ -22,14 +25,12 @@ Raises:
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from scipy import stats as sps
 
 from ..attributes import AttributeSchema
 from ..checkpoint import write_text_atomic
@@ -37,7 +38,10 @@ from ..report_render import save_figure
 from ..data.sources import load_mixture
 from ..engines import torch_engine as te
 from ..errors import ConfigError, DataError
+from .. import baselines as bl
+from .. import sweep
 from ..scoring import RewardScorer, ScoreStats
+from ..steerability import format_ci, format_side_effects, sample_measures
 from .generate import SteerableModel, steering_spec
 
 
@@ -87,99 +91,141 @@ def check_levels(levels: Sequence, schema: AttributeSchema) -> list[int]:
 
 
 # ===== the report ================================================================================
-def _corr(fn, x: np.ndarray, y: np.ndarray) -> Optional[float]:
-    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
-        return None  # undefined for constant inputs
-    return float(fn(x, y)[0])
-
-
-def _slope(x: np.ndarray, y: np.ndarray) -> Optional[float]:
-    if len(x) < 2 or np.var(x) == 0:
-        return None
-    return float(np.sum((x - x.mean()) * (y - y.mean())) / np.sum((x - x.mean()) ** 2))
-
-
-def _mean_sem(v: np.ndarray) -> tuple[Optional[float], Optional[float]]:
-    if len(v) == 0:
-        return None, None
-    return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None)
-
-
-def steerability_report(samples: Sequence[dict], attributes: Sequence[str], levels: Sequence[int]) -> dict[str, dict]:
-    """samples: [{attribute, level, tokens, stopped, scores: {attribute: float} | None}] -> {attribute: metrics}.
-
-    Samples whose response the RM did not score (scores None, e.g. over_length=skip) count for
-    length and `stopped` but not for the RM metrics.
-    """
-    report = {}
-    for a in attributes:
-        rows = [s for s in samples if s["attribute"] == a]
-        scored = [s for s in rows if s.get("scores") is not None]
-        x = np.array([s["level"] for s in scored], dtype=np.float64)
-        y = np.array([s["scores"][a] for s in scored], dtype=np.float64)
-        xl = np.array([s["level"] for s in rows], dtype=np.float64)
-        length = np.array([s["tokens"] for s in rows], dtype=np.float64)
-        per_level = {"measured_mean": [], "measured_sem": [], "length_mean": [], "length_sem": [], "n_per_level": []}
-        for lev in levels:
-            m, e = _mean_sem(y[x == lev])
-            lm, le = _mean_sem(length[xl == lev])
-            for k, v in zip(per_level, (m, e, lm, le, int((xl == lev).sum()))):
-                per_level[k].append(v)
-        report[a] = {
-            "n": len(rows), "n_scored": len(scored),
-            "spearman": _corr(sps.spearmanr, x, y), "pearson": _corr(sps.pearsonr, x, y), "slope": _slope(x, y),
-            "length_spearman": _corr(sps.spearmanr, xl, length),
-            "stopped_fraction": float(np.mean([s["stopped"] for s in rows])) if rows else None,
-            "levels": list(levels), **per_level,
-        }
-    return report
+def steerability_report(samples: Sequence[dict], attributes: Sequence[str], levels: Sequence[int], *,
+                        n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """samples: [{attribute, level, tokens, stopped, scores: {attribute: float} | None, prompt_id?}] -> {attribute:
+    metrics} (`steerlm.sweep.attribute_stats`: Spearman / Pearson / slope of RM-measured vs requested with
+    prompt-clustered bootstrap intervals, length Spearman, per-level means). Samples whose response the RM did not
+    score (scores None) count for length and `stopped` only."""
+    with_measures = [{**s, "measures": {f"rm:{k}": v for k, v in (s.get("scores") or {}).items()}} for s in samples]
+    return {a: sweep.attribute_stats(with_measures, a, levels, n_boot=n_boot, seed=seed) for a in attributes}
 
 
 def format_table(report: dict[str, dict]) -> str:
     f = lambda v, w=7: f"{'n/a':>{w}}" if v is None else f"{v:{w}.3f}"
-    head = (f"{'attribute':<12} {'n':>4} {'spearman':>8} {'pearson':>7} {'slope':>7} {'len_rho':>7} {'stopped':>7}"
-            "  mean RM score per level | mean length per level")
+    head = (f"{'attribute':<12} {'n':>4} {'Spearman(l, RM) [95% CI]':>26} {'Spearman(l, tokens) [95% CI]':>30} "
+            f"{'verdict':>8}  mean RM score per level | mean length per level")
     rows = [head, "-" * len(head)]
     for a, m in report.items():
         measured = " ".join(f(v, 5) for v in m["measured_mean"])
         lengths = " ".join(f"{'n/a' if v is None else round(v):>4}" for v in m["length_mean"])
-        rows.append(f"{a:<12} {m['n']:>4} {f(m['spearman'], 8)} {f(m['pearson'])} {f(m['slope'])} "
-                    f"{f(m['length_spearman'])} {f(m['stopped_fraction'])}  {measured} | {lengths}")
+        rows.append(f"{a:<12} {m['n']:>4} {format_ci(m['rm_ci']):>26} {format_ci(m['length_ci']):>30} "
+                    f"{m['verdict'] or 'n/a':>8}  {measured} | {lengths}")
     return "\n".join(rows)
 
 
-def plot_steerability(report: dict[str, dict], path: Path) -> None:
-    """One panel per attribute (mean RM score vs requested level, SEM bars, identity line); plus length vs
-    requested verbosity. Rendered by matplotlib's Agg canvas (no pyplot, no display), written atomically."""
+def format_conditioning(conditioning: dict) -> str:
+    head = f"{'attribute':<12} {'model':<7} {'n':>4} {'strength [95% CI]':>22} {'vs length [95% CI]':>22} verdict"
+    rows = [head, "-" * len(head)]
+    for who, res in conditioning.items():
+        if not isinstance(res, dict) or "attributes" not in res:
+            continue
+        for a, m in res["attributes"].items():
+            rows.append(f"{a:<12} {who:<7} {m['n']:>4} {format_ci(m.get('strength')):>22} "
+                        f"{format_ci(m.get('length_strength')):>22} {m.get('verdict') or 'n/a'}")
+    return "\n".join(rows)
+
+
+def plot_steerability(methods: dict[str, dict], path: Path) -> None:
+    """One panel per attribute (mean RM score vs requested level, SEM bars, one line per method) and one of
+    response length per level; rendered by matplotlib's Agg canvas, written atomically."""
     from matplotlib.figure import Figure
 
-    panels = [(a, "measured") for a in report] + ([("verbosity", "length")] if "verbosity" in report else [])
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(4 * cols, 3.4 * rows), layout="constrained")
+    attributes = list(next(iter(methods.values()))["attributes"])
+    panels = [(a, "measured") for a in attributes] + [(a, "length") for a in attributes]
+    cols = len(attributes)
+    fig = Figure(figsize=(4 * cols, 6.8), layout="constrained")
     for k, (a, kind) in enumerate(panels):
-        ax = fig.add_subplot(rows, cols, k + 1)
-        m = report[a]
-        lv = np.array(m["levels"], dtype=float)
-        mean = np.array([np.nan if v is None else v for v in m[f"{kind}_mean"]], dtype=float)
-        sem = np.array([0.0 if v is None else v for v in m[f"{kind}_sem"]], dtype=float)
-        ax.errorbar(lv, mean, yerr=sem, marker="o", capsize=3)
-        if kind == "measured":
-            ax.plot([lv.min(), lv.max()], [lv.min(), lv.max()], "--", color="gray", label="identity")
-            ax.set_ylabel(f"RM-measured {a}")
-            rho = "n/a" if m["spearman"] is None else f"{m['spearman']:.2f}"
-            ax.set_title(f"{a} (Spearman {rho})")
-            ax.legend(loc="upper left", fontsize=8)
-        else:
-            ax.set_ylabel("response length (tokens)")
-            rho = "n/a" if m["length_spearman"] is None else f"{m['length_spearman']:.2f}"
-            ax.set_title(f"length vs verbosity (Spearman {rho})")
+        ax = fig.add_subplot(2, cols, k + 1)
+        for name, res in methods.items():
+            m = res["attributes"][a]
+            lv = np.array(m["levels"], dtype=float)
+            mean = np.array([np.nan if v is None else v for v in m[f"{kind}_mean"]], dtype=float)
+            sem = np.array([0.0 if v is None else v for v in m[f"{kind}_sem"]], dtype=float)
+            ci = m["rm_ci" if kind == "measured" else "length_ci"]
+            ax.errorbar(lv, mean, yerr=sem, marker="o", capsize=3, label=f"{name}: rho {format_ci(ci)}")
+            ax.set_xticks(lv)
+        ax.set_ylabel(f"RM-measured {a}" if kind == "measured" else "response length (tokens)")
         ax.set_xlabel(f"requested {a}")
-        ax.set_xticks(lv)
+        ax.set_title(f"{a}: {'RM score' if kind == 'measured' else 'length'} per requested level", fontsize=10)
+        ax.legend(loc="best", fontsize=7)
     save_figure(fig, path)
 
 
 # ===== the recipe (recipes/evaluate.py) ==========================================================
+def sweep_jobs(attributes: Sequence[str], levels: Sequence[int], prompts: Sequence[dict], n_samples: int) -> list[tuple]:
+    """(attribute, level, prompt, sample index) for every answer of a sweep, in one fixed order."""
+    return [(a, lev, p, k) for a in attributes for lev in levels for p in prompts for k in range(n_samples)]
+
+
+def answer(model: SteerableModel, method: str, jobs: list[tuple], options: dict, *, prompts_of=None,
+           attributes_of=None, steering_of=None) -> list[dict]:
+    """Generate every job with `model` (one batched call) -> samples without measures yet."""
+    prompts = [prompts_of(j) if prompts_of else j[2] for j in jobs]
+    attrs = [attributes_of(j) if attributes_of else None for j in jobs]
+    steering = [steering_of(j) for j in jobs] if steering_of else None
+    outs = model.generate(prompts, attrs, steering=steering, **options)
+    return [{"method": method, "attribute": a, "level": lev, "prompt_id": p["id"], "sample": k, "system": q.get("system"),
+             "prompt": p["turns"][-1]["content"], "response": o["text"], "tokens": o["tokens"], "stopped": o["stopped"],
+             "attributes": o["attributes"]} for (a, lev, p, k), q, o in zip(jobs, prompts, outs)]
+
+
+def measure_samples(samples: list[dict], scorer: RewardScorer, stats: ScoreStats) -> None:
+    """RM scores (every attribute the RM was trained on) and text measures, in place; one scoring call."""
+    scores = scorer.score([(s["system"], [{"role": "user", "content": s["prompt"]},
+                                          {"role": "assistant", "content": s["response"]}]) for s in samples], stats)
+    for s, sc in zip(samples, scores):
+        s["scores"] = sc
+        s["measures"] = sample_measures(sc, s["response"])
+
+
+def baseline_samples(cfg: DictConfig, policy: SteerableModel, attributes, levels, prompts, options: dict) -> list[dict]:
+    """`baselines.methods`: prompting and/or activation steering of the policy's base model on the same jobs."""
+    methods = list(cfg.baselines.methods or [])
+    unknown = [m for m in methods if m not in ("prompting", "activation")]
+    if unknown:
+        raise ConfigError(f"baselines.methods: unknown {unknown}; choose from prompting, activation")
+    if not methods:
+        return []
+    base = bl.base_model(policy, str(policy.card["base_model"]))
+    jobs = sweep_jobs(attributes, levels, prompts, int(cfg.baselines.n_samples))
+    out = []
+    if "prompting" in methods:
+        texts = bl.check_instructions(OmegaConf.to_container(cfg.baselines.prompting.instructions, resolve=True),
+                                      attributes, levels)
+        out += answer(base, "prompting", jobs, {**options, "seed": options["seed"] + 1},
+                      prompts_of=lambda j: bl.instructed(j[2], texts[j[0]][j[1]]))
+    if "activation" in methods:
+        act = cfg.baselines.activation
+        coef = bl.check_coefficients(list(act.coefficients), levels)
+        layer = bl.middle_layer(base.model) if act.layer is None else int(act.layer)
+        vectors = bl.attribute_vectors(base, str(act.labeled), attributes, layer, max_per_side=int(act.max_per_side),
+                                       max_length=int(act.max_length))
+        specs = {(a, lev): vectors.spec(a, layer, coef[lev], str(act.positions)) for a in attributes for lev in levels}
+        out += answer(base, "activation", jobs, {**options, "seed": options["seed"] + 2},
+                      steering_of=lambda j: specs[(j[0], j[1])])
+    del base
+    return out
+
+
+def conditioning_results(cfg: DictConfig, policy: SteerableModel, attributes) -> Optional[dict]:
+    """Conditioning strength (steerlm.conditioning) of the policy and of its base model (the control) on the
+    held-out labeled conversations in `conditioning.data`; None when that is null."""
+    c = cfg.conditioning
+    if c.data is None or int(c.n) <= 0:
+        return None
+    from ..conditioning import measure
+
+    convs, _ = load_mixture([OmegaConf.to_container(d, resolve=True) for d in c.data], policy.schema)
+    kw = dict(device=policy.device, n_max=int(c.n), max_length=int(c.max_length), n_boot=int(cfg.n_boot))
+    levels = check_levels(list(c.levels), policy.schema)
+    out = {"policy": measure(policy.model, policy.tokenizer, policy.format, policy.schema, convs, attributes, levels, **kw)}
+    if c.control:
+        base = bl.base_model(policy, str(policy.card["base_model"]))
+        out["base"] = measure(base.model, policy.tokenizer, policy.format, policy.schema, convs, attributes, levels, **kw)
+    return out
+
+
 def run(cfg: DictConfig) -> dict:
     t_start = time.time()
     out_dir = Path(cfg.output_dir)
@@ -193,34 +239,46 @@ def run(cfg: DictConfig) -> dict:
     levels = check_levels(list(cfg.levels), model.schema)
     specs = [OmegaConf.to_container(s, resolve=True) for s in cfg.prompts]
     prompts = load_prompts(specs, model.schema, int(cfg.n_prompts))
-    print(f"evaluate: {len(attributes)} attributes x {len(levels)} levels x {len(prompts)} prompts "
-          f"= {len(attributes) * len(levels) * len(prompts)} generations on {model.device}", flush=True)
-
-    jobs = [(a, lev, p) for a in attributes for lev in levels for p in prompts]
+    n_samples = int(cfg.n_samples)
     options = OmegaConf.to_container(cfg.generation, resolve=True)
-    spec = steering_spec(cfg, model)  # the same activation steering on every generation of the sweep
-    outputs = model.generate([p for _, _, p in jobs], [{a: lev} for a, lev, _ in jobs], steering=spec, **options)
+    spec = steering_spec(cfg, model)  # optional activation steering on top of every AC-SFT generation
+    print(f"evaluate: {len(attributes)} attributes x {len(levels)} levels x {len(prompts)} prompts x {n_samples} "
+          f"samples = {len(attributes) * len(levels) * len(prompts) * n_samples} AC-SFT generations on {model.device}; "
+          f"baselines: {list(cfg.baselines.methods or []) or 'none'}", flush=True)
+
+    # ===== generate: AC-SFT, then the baselines on the same prompts; rate everything in one call ==============
+    samples = answer(model, "ac_sft", sweep_jobs(attributes, levels, prompts, n_samples), options,
+                     attributes_of=lambda j: {j[0]: j[1]}, steering_of=(lambda j: spec) if spec is not None else None)
+    samples += baseline_samples(cfg, model, attributes, levels, prompts, options)
     score_stats = ScoreStats()
-    scores = scorer.score([(p["system"], p["turns"] + [{"role": "assistant", "content": o["text"]}])
-                           for (_, _, p), o in zip(jobs, outputs)], score_stats)
-    samples = [{"attribute": a, "level": lev, "prompt_id": p["id"], "system": p["system"], "prompt": p["turns"][-1]["content"],
-                "response": o["text"], "tokens": o["tokens"], "stopped": o["stopped"], "attributes": o["attributes"],
-                "scores": s} for (a, lev, p), o, s in zip(jobs, outputs, scores)]
-    report = steerability_report(samples, attributes, levels)
+    measure_samples(samples, scorer, score_stats)
+
+    # ===== statistics per method: steerability with intervals, side effects ===================================
+    measures = [f"rm:{a}" for a in scorer.trained_attributes] + list(sweep.TEXT_COLUMNS)
+    methods = {m: sweep.method_stats([s for s in samples if s["method"] == m], attributes, levels, measures,
+                                     n_boot=int(cfg.n_boot), seed=int(cfg.seed))
+               for m in dict.fromkeys(s["method"] for s in samples)}
+    conditioning = conditioning_results(cfg, model, attributes)
 
     result = {
-        "model": str(cfg.model.path), "rm": str(cfg.rm), "attributes": report, "levels": levels,
+        "model": str(cfg.model.path), "rm": str(cfg.rm), "attributes": methods["ac_sft"]["attributes"], "levels": levels,
+        "methods": methods, "conditioning": conditioning, "measures": measures,
         "steering": None if spec is None else spec.to_dict()[0],
-        "n_prompts": len(prompts), "defaults": model.defaults, "generation": options,
+        "n_prompts": len(prompts), "n_samples": n_samples, "defaults": model.defaults, "generation": options,
         "generation_stats": model.stats.to_dict(), "rm_scoring": score_stats.to_dict(),
         "peak_mem_mb": round(te.peak_memory_mb(model.device), 1), "device": str(model.device),
         "wall_time_s": round(time.time() - t_start, 2),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    plot_steerability(report, out_dir / "steerability.png")
+    plot_steerability(methods, out_dir / "steerability.png")
     write_text_atomic(out_dir / "steerability.json", json.dumps(result, indent=2) + "\n")
-    print(format_table(report))
+    for m, res in methods.items():
+        print(f"--- {m}\n{format_table(res['attributes'])}")
+    print(f"side effects of AC-SFT (standardized slope per requested level [95% CI]):\n"
+          f"{format_side_effects(methods['ac_sft']['side_effects'])}")
+    if conditioning:
+        print(format_conditioning(conditioning))
     g = result["generation_stats"]
     print(f"generated {g['generated_tokens']} tokens in {g['seconds']} s ({g['tokens_per_s']} tokens/s); RM scored "
           f"{score_stats.scored}/{score_stats.inputs} ({score_stats.truncated_left} truncated, {score_stats.skipped_over_length} "

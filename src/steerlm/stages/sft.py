@@ -46,8 +46,9 @@ from ..data.sources import load_mixture, require_input_schemas
 from ..data.split import split_by_group
 from ..engines import torch_engine as te
 from ..errors import ConfigError, DataError
+from ..checkpoint import write_text_atomic
 from ..logging import MetricLogger, print0
-from ..losses import next_token_nll
+from ..losses import contrast_loss, next_token_nll, nll_and_sequence_log_probs
 from ..models import packed_attention
 from ..models.policy import apply_lora, load_causal_lm, make_card, save_policy
 from ..models.reward_model import load_tokenizer
@@ -113,11 +114,16 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     world, pad_id = info.world_size, tokenizer.pad_token_id
     # unpacked rows pad to the longest in a micro-batch: group similar lengths; packed rows need no grouping
     group_by_length = (not cfg.packing) if cfg.train.group_by_length is None else bool(cfg.train.group_by_length)
+    conditioning = ConditioningProbe(cfg, data, tokenizer, fmt, schema, info, amp_dtype, strategy)
+    contrast = LabelContrast(cfg, train, tokenizer, fmt, schema, strategy, pad_id=tokenizer.pad_token_id)
+    totals = {"tokens": 0, "trained": 0, "padded": 0}
+    if step == 0:
+        conditioning.log(model, logger, step, 0)  # the base model: where the curve starts
     bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not info.is_main, dynamic_ncols=True)
     t_train = time.time()
-    totals = {"tokens": 0, "trained": 0, "padded": 0}
     while step < total_steps:
         enc = sd.encode_epoch(train, fmt, tokenizer, schema, dropout=cfg.attribute_dropout, seed=cfg.seed, epoch=epoch)
+        contrast.start_epoch(epoch)
         lengths = [len(ids) for ids, _ in enc]
         batches = global_batches(lengths, G, seed=cfg.seed, epoch=epoch, group_by_length=group_by_length)
         for b in range(start_batch, len(batches)):
@@ -136,11 +142,17 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                 model.finish_grads()
             else:
                 nlls = []
+                n_contrast = contrast.count(gb)  # contrast pairs of the global batch: the term's normaliser
                 for j, batch in enumerate(micro):
                     with te.grad_sync_context(model, strategy, sync=j == len(plan) - 1):
                         with te.autocast(info.device, amp_dtype):
-                            nll, _ = next_token_nll(model, batch)
-                        (nll * (weights[j] * world / n_targets)).backward()
+                            if contrast.on:
+                                nll, c_loss = contrast.micro_step(model, plan[j] or [[gb[0]]], batch, info.device)
+                                loss = nll / n_targets + contrast.weight * c_loss / max(n_contrast, 1)
+                            else:
+                                nll, _ = next_token_nll(model, batch)
+                                loss = nll / n_targets
+                        (loss * weights[j] * world).backward()
                     nlls.append(float(nll.detach()))
             for w, batch, nll in zip(weights, micro, nlls):
                 nll_sum += nll * w
@@ -161,7 +173,8 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                             "train/grad_norm": grad_norm, "train/tokens_per_s": tok_total / dt,
                             "train/trained_tokens_per_s": n_targets / dt,
                             "train/packing_efficiency": tok_total / max(pad_total, 1),
-                            "train/peak_mem_mb": te.peak_memory_mb(info.device), "train/epoch": epoch}, step)
+                            "train/peak_mem_mb": te.peak_memory_mb(info.device), "train/epoch": epoch,
+                            **contrast.pop_metrics(info.device)}, step)
             bar.update(1)
             if cfg.train.save_every > 0 and step % cfg.train.save_every == 0 and step < total_steps:
                 save_state(run_dir, step, model, optimizer, scheduler, epoch=epoch, next_batch=b + 1,
@@ -169,6 +182,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                            trainable_only=lora)
             if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps and data["val"]:
                 logger.log({"validation/loss": evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype)}, step)
+                conditioning.log(model, logger, step, totals["trained"])
             if step >= total_steps:
                 break
         epoch, start_batch = epoch + 1, 0
@@ -179,6 +193,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     val_loss = evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype)  # None: no held-out conversations
     if val_loss is not None:
         logger.log({"validation/loss": val_loss}, step)
+    final_conditioning = conditioning.log(model, logger, step, totals["trained"])
     state = te.full_model_state(model)  # collective under FSDP2
     summary = {
         "steps": step, "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - t_start, 2),
@@ -192,6 +207,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         "strategy": strategy, "lora": lora,
         "trainable_params": n_trainable,
         "steerable_attributes": data["steerable"], "data": data["reports"],
+        "conditioning": final_conditioning,
     }
     if info.is_main:
         card = make_card(fmt=fmt.to_dict(), schema=schema, steerable=data["steerable"],
@@ -202,6 +218,10 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                               schema=schema, card=card, lora=lora, base_path=str(cfg.model.path),
                               save_merged=lora and cfg.model.lora.save_merged, dtype=getattr(torch, cfg.model.dtype))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(run_dir / "validation.jsonl", "".join(
+            json.dumps({k: c[k] for k in ("id", "group", "system", "source", "turns") if k in c}, ensure_ascii=False)
+            + "\n" for c in data["val_conversations"]))
+        schema.save(run_dir)  # validation.jsonl carries the schema, as every label file
         print0(f"sft: validation loss {'n/a (no held-out conversations)' if val_loss is None else f'{val_loss:.4f}'}; {summary['tokens_per_s']} tokens/s (non-pad), packing "
                f"efficiency {summary['packing_efficiency']:.1%}, peak {summary['peak_mem_mb']} MB")
         print0(f"model written to {', '.join(str(p) for p in written)} ({summary['wall_time_s']} s)")
@@ -210,12 +230,131 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
 
 
 # ===== Pieces ====================================================================================
+class LabelContrast:
+    """`contrast.weight` > 0: a second term that teaches the label string directly. Per conversation, the last
+    response y is also rendered with one attribute of its label moved to another level ℓ' (`contrast.other`), and
+
+        L = L_SFT + w · (1/C_B) Σ_c −log σ(β [log π(y_c | x_c, ℓ_c) − log π(y_c | x_c, ℓ'_c)])
+
+    (C_B: contrast pairs in the global batch). Plain SFT learns the attribute only through the small share of a
+    response's likelihood its label explains; this term is exactly that share. Costs a second forward per
+    conversation. torch engine; packed or padded rows."""
+
+    def __init__(self, cfg, train, tokenizer, fmt, schema, strategy, pad_id: int):
+        c = cfg.get("contrast") or {}
+        self.weight, self.beta = float(c.get("weight", 0.0) or 0.0), float(c.get("beta", 1.0))
+        self.on = self.weight > 0
+        if self.on and strategy == "megatron":
+            raise ConfigError("contrast.weight > 0 is a torch-engine option (engine=megatron: set contrast.weight=0)")
+        attrs = c.get("attributes")
+        self.attributes = None if attrs is None else list(attrs)
+        self.other = str(c.get("other", "random"))
+        self.args = (train, fmt, tokenizer, schema, cfg.attribute_dropout, cfg.seed)
+        self.packing, self.pad_id, self.enc = bool(cfg.packing), pad_id, []
+        self.names = [a for a in schema.attributes if self.attributes is None or a in self.attributes]
+        self.sums = [0.0] * (2 + 2 * len(self.names))  # loss, pairs, then (margin sum, pairs) per attribute
+
+    def start_epoch(self, epoch: int) -> None:
+        if self.on:
+            train, fmt, tokenizer, schema, dropout, seed = self.args
+            self.enc = sd.contrast_epoch(train, fmt, tokenizer, schema, attributes=self.attributes, dropout=dropout,
+                                         seed=seed, epoch=epoch, other=self.other)
+
+    def count(self, batch: list[int]) -> int:
+        return sum(self.enc[i] is not None for i in batch) if self.on else 0
+
+    def micro_step(self, model, rows: list[list[int]], batch: dict, device) -> tuple:
+        """-> (Σ NLL of the trained tokens, Σ contrast loss over this micro-batch's pairs)."""
+        local = {i: k for k, i in enumerate(i for row in rows for i in row)}
+        nll, own = nll_and_sequence_log_probs(model, batch, sequence_index(batch, rows, local, self.packing), len(local))
+        c_rows = [[i for i in row if self.enc[i] is not None] for row in rows]
+        c_rows = [row for row in c_rows if row]
+        if not c_rows:
+            return nll, own.sum() * 0.0
+        c_batch = make_batch(c_rows, [e and e[:2] for e in self.enc], self.packing, self.pad_id, device)
+        _, other = nll_and_sequence_log_probs(model, c_batch, sequence_index(c_batch, c_rows, local, self.packing),
+                                              len(local))
+        pairs = torch.tensor([local[i] for row in c_rows for i in row], device=own.device)
+        loss = contrast_loss(own[pairs], other[pairs], self.beta)
+        margins = (own[pairs] - other[pairs]).detach().tolist()
+        self.sums[0] += float(loss.detach())
+        self.sums[1] += len(margins)
+        for i, m in zip((i for row in c_rows for i in row), margins):
+            k = 2 + 2 * self.names.index(self.enc[i][2])
+            self.sums[k] += m
+            self.sums[k + 1] += 1
+        return nll, loss
+
+    def pop_metrics(self, device) -> dict:
+        if not self.on:
+            return {}
+        totals = te.all_reduce_sum(self.sums, device)
+        self.sums = [0.0] * len(self.sums)
+        n = max(totals[1], 1)
+        margin = sum(totals[2::2]) / n
+        # log π(y|own) − log π(y|other), nats, per moved attribute: in the first epoch every batch is unseen data,
+        # so this is a held-out measure of how much each label string already matters
+        per = {f"train/contrast_margin/{a}": totals[2 + 2 * k] / totals[3 + 2 * k]
+               for k, a in enumerate(self.names) if totals[3 + 2 * k]}
+        return {"train/contrast_loss": totals[0] / n, "train/contrast_margin": margin, **per}
+
+
+def sequence_index(batch: dict, rows: list[list[int]], local: dict, packing: bool) -> torch.Tensor:
+    """(B, T): the local index of the conversation each token belongs to, −1 on row padding. Packed rows restart
+    position ids at every conversation (and at the padding), which numbers the segments."""
+    ids = batch["input_ids"]
+    seg = ((batch["position_ids"] == 0).cumsum(-1) - 1) if packing else torch.zeros_like(ids)
+    table = torch.full((len(rows), max(map(len, rows)) + 1), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        table[r, :len(row)] = torch.tensor([local[i] for i in row])
+    return table.to(ids.device).gather(1, seg.clamp(max=table.shape[1] - 1))
+
+
+class ConditioningProbe:
+    """`eval.conditioning`: conditioning strength (steerlm.conditioning) of the policy on held-out labeled
+    conversations, before training, every `eval_every` steps and at the end, logged against the trained tokens
+    seen, so a run shows whether (and when) the attribute string starts to matter. torch engine only."""
+
+    def __init__(self, cfg, data, tokenizer, fmt, schema, info, amp_dtype, strategy):
+        c = cfg.eval.get("conditioning") or {}
+        attrs = c.get("attributes")
+        attrs = [a for a in data["steerable"] if a in (attrs if attrs is not None else data["steerable"])]
+        self.on = bool(attrs) and int(c.get("n", 0) or 0) > 0 and bool(data["val_conversations"])
+        if self.on and strategy == "megatron":
+            print0("eval.conditioning: measured on the torch engine only; skipped under engine=megatron")
+            self.on = False
+        self.attrs, self.n, self.levels = attrs, int(c.get("n", 0) or 0), list(c.get("levels") or [0, 2, 4])
+        self.args = (tokenizer, fmt, schema, data["val_conversations"])
+        self.device, self.amp, self.max_length = info.device, amp_dtype, int(c.get("max_length") or cfg.max_length)
+
+    def log(self, model, logger, step: int, trained_tokens: int) -> Optional[dict]:
+        if not self.on:
+            return None
+        from ..conditioning import measure
+
+        tokenizer, fmt, schema, convs = self.args
+        r = measure(te.unwrap(model), tokenizer, fmt, schema, convs, self.attrs, self.levels, device=self.device,
+                    n_max=self.n, amp_dtype=self.amp, max_length=self.max_length, n_boot=1000)
+        te.reshard(model)
+        metrics = {"conditioning/trained_tokens": trained_tokens, "conditioning/seconds": r["seconds"]}
+        for a, m in r["attributes"].items():
+            if m.get("strength"):
+                s = m["strength"]
+                metrics.update({f"conditioning/{a}": s["value"], f"conditioning/{a}_lo": s["lo"],
+                                f"conditioning/{a}_hi": s["hi"]})
+        logger.log(metrics, step)
+        return r
+
+
+
 def megatron_policy(cfg: DictConfig, hf_model, info):
     """engine=megatron: full fine-tune or LoRA on the parallel linears, of padded or packed rows; gradient
     checkpointing is Megatron's full-layer recompute."""
     from ..engines.megatron.causal_lm import MegatronCausalLM
 
     lora = OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.lora.enabled else None
+    if lora and lora.get("top_layers") is not None:
+        raise ConfigError("model.lora.top_layers is a torch-engine option; engine=megatron adapts every layer")
     return MegatronCausalLM(hf_model, tp=info.tp, pp=info.pp, sequence_parallel=info.sequence_parallel,
                             recompute=bool(cfg.model.gradient_checkpointing), dtype=getattr(torch, cfg.model.dtype),
                             lora=lora)
@@ -235,7 +374,8 @@ def setup_data(cfg: DictConfig, schema, tokenizer, fmt: SFTFormat) -> dict:
         raise DataError(where, None, None, "no trainable conversations after loading and filtering (see the skip counts)")
     reports = {"load": load_stats, "train": rep_train.to_dict(), "val": rep_val.to_dict()}
     print0(f"data: train {json.dumps({k: v for k, v in rep_train.to_dict().items() if k != 'attribute_counts'})}")
-    return {"train": train, "val": val, "reports": reports, "steerable": sd.steerable_attributes(rep_train, schema)}
+    return {"train": train, "val": val, "reports": reports, "steerable": sd.steerable_attributes(rep_train, schema),
+            "val_conversations": val_conv}
 
 
 def effective_pack_length(cfg: DictConfig) -> int:

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from ..attributes import AttributeSchema
 from ..data.packing import pack_sequences
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..sft_template import SFTFormat, encode_conversation
 
 OVER_LENGTH = ("error", "skip")
@@ -105,6 +105,44 @@ def encode_epoch(examples: Sequence[dict], fmt: SFTFormat, tokenizer, schema: At
         return [(ex["ids"], ex["mask"]) for ex in examples]
     return [encode_conversation(fmt, tokenizer, schema, ex["system"], ex["turns"],
                                 dropout_labels(ex["turns"], dropout, seed, epoch, ex["id"])) for ex in examples]
+
+
+def contrast_epoch(examples: Sequence[dict], fmt: SFTFormat, tokenizer, schema: AttributeSchema, *,
+                   attributes: Optional[Sequence[str]], dropout: float, seed: int, epoch: int,
+                   other: str = "random") -> list[Optional[tuple[list[int], list[bool], str]]]:
+    """Per example, (ids, mask, attribute): the conversation with its LAST assistant turn's label for one attribute
+    moved to another level (None: that turn carries none of `attributes`, None = any). The attribute and the level
+    are drawn per (seed, epoch, conversation); everything else is the epoch's rendering (same attribute dropout),
+    so the two renderings differ only in that one value.
+
+    other = "random": any level but the own one, uniformly. Every level is then as often the wrong one as the right
+    one (for a uniform label distribution), so the only way to lower the loss is to read the label's direction.
+    other = "far": the level farthest from the own one. It puts the ends of the scale on the wrong side ~4x as
+    often as on the right one, and a model can lower the loss by learning "0 and 4 are unlikely" whatever the
+    response: measured on the embedded default (docs/steerability.md, row 5)."""
+    if other not in ("random", "far"):
+        raise ConfigError(f"contrast.other={other!r}: expected random | far")
+    levels = schema.levels()
+    out: list[Optional[tuple[list[int], list[bool], str]]] = []
+    for ex in examples:
+        labels = dropout_labels(ex["turns"], dropout, seed, epoch, ex["id"])
+        last = max(k for k, t in enumerate(ex["turns"]) if t["role"] == "assistant")
+        own = labels[last] or {}
+        names = [a for a in own if attributes is None or a in attributes]
+        if not names:
+            out.append(None)
+            continue
+        rng = random.Random(f"contrast/{seed}/{epoch}/{ex['id']}")
+        a = rng.choice(sorted(names, key=schema.index))
+        if other == "far":
+            far = max(abs(v - own[a]) for v in levels)
+            moved_to = rng.choice([v for v in levels if abs(v - own[a]) == far])
+        else:
+            moved_to = rng.choice([v for v in levels if v != own[a]])
+        moved = list(labels)
+        moved[last] = {**own, a: moved_to}
+        out.append((*encode_conversation(fmt, tokenizer, schema, ex["system"], ex["turns"], moved), a))
+    return out
 
 
 def steerable_attributes(report: EncodeReport, schema: AttributeSchema) -> list[str]:

@@ -145,6 +145,25 @@ def steerability(cfg, model_path: str, out_dir: Path) -> dict:
     return steer_eval.run(ev)
 
 
+def compare_steerability(before: dict, after: dict) -> dict:
+    """Per attribute: Spearman(requested, RM-measured) and (requested, tokens) with their intervals and verdicts,
+    and the conditioning strength, before and after SteerLM 2.0."""
+    def cond(res, a):
+        c = ((res.get("conditioning") or {}).get("policy") or {}).get("attributes", {}).get(a) or {}
+        return c.get("strength")
+
+    out = {}
+    for a, m in after["attributes"].items():
+        b = before["attributes"].get(a, {})
+        out[a] = {"before": b.get("spearman"), "after": m["spearman"],
+                  "length_before": b.get("length_spearman"), "length_after": m["length_spearman"],
+                  "before_ci": b.get("rm_ci"), "after_ci": m.get("rm_ci"),
+                  "length_before_ci": b.get("length_ci"), "length_after_ci": m.get("length_ci"),
+                  "verdict_before": b.get("verdict"), "verdict_after": m.get("verdict"),
+                  "conditioning_before": cond(before, a), "conditioning_after": cond(after, a)}
+    return out
+
+
 def run(cfg: DictConfig) -> dict:
     t_start = time.time()
     device = te.resolve_device(cfg.engine.device)
@@ -215,11 +234,7 @@ def run(cfg: DictConfig) -> dict:
         before = json.loads(Path(cfg.eval.before).read_text()) if cfg.eval.before else \
             steerability(cfg, str(cfg.policy), run_dir / "eval_before")
         after = steerability(cfg, str(final), run_dir / "eval_after")
-        result["steerability"] = {a: {"before": before["attributes"].get(a, {}).get("spearman"),
-                                      "after": m["spearman"],
-                                      "length_before": before["attributes"].get(a, {}).get("length_spearman"),
-                                      "length_after": m["length_spearman"]}
-                                  for a, m in after["attributes"].items()}
+        result["steerability"] = compare_steerability(before, after)
     result["wall_time_s"] = round(time.time() - t_start, 1)
     logger.close()
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")

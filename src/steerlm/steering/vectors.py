@@ -6,7 +6,8 @@ For attribute a and decoder layer ℓ, over the assistant turns of a stage-2 lab
 
 h̄_ℓ(x, y) is the output of layer ℓ averaged over the response tokens of y (teacher-forced after its
 conversation, rendered without an attribute string). `high` / `low` are the top / bottom `fraction`
-of turns by the RM's score for a (the stage-2 `scores`; the rounded `labels` if a file has no scores).
+of turns by the RM's score for a (the stage-2 `scores`; the `labels` where a turn has no score for a, e.g.
+human labels kept by `keep_human_labels`).
 Steering with `Add.from_unnormalized(v, c)` then moves h by c times the high-low difference.
 """
 
@@ -46,7 +47,10 @@ def scored_turns(path: str, schema: AttributeSchema, attribute: str) -> list[dic
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise DataError(str(path), line_no, "turns", f"not a labeled conversation ({e})") from None
             for k, t in enumerate(turns):
-                rating = (t.get("scores") or t.get("labels") or {}).get(attribute) if t.get("role") == "assistant" else None
+                rating = None
+                if t.get("role") == "assistant":  # the RM's raw score where it wrote one, else the (human) label
+                    rating = (t.get("scores") or {}).get(attribute)
+                    rating = (t.get("labels") or {}).get(attribute) if rating is None else rating
                 if rating is not None:
                     out.append({"system": row.get("system"), "turns": [{"role": p["role"], "content": p["content"]}
                                                                        for p in turns[:k]],
@@ -78,7 +82,7 @@ def response_mean_activations(model, tokenizer, fmt: SFTFormat, schema: Attribut
         m = b["loss_mask"].float().cpu().unsqueeze(-1)
         for i in layers:
             means[i].append((cap[i] * m).sum(1) / m.sum(1).clamp_min(1))
-    return {i: torch.cat(v) for i, v in means.items()}, skipped
+    return {i: torch.cat(v) if v else torch.empty(0) for i, v in means.items()}, skipped  # all skipped: the caller says so
 
 
 @dataclass
