@@ -179,15 +179,20 @@ def measure_samples(samples: list[dict], scorer: RewardScorer, stats: ScoreStats
         s["measures"] = sample_measures(sc, s["response"])
 
 
-def baseline_samples(cfg: DictConfig, policy: SteerableModel, attributes, levels, prompts, options: dict) -> list[dict]:
-    """`baselines.methods`: prompting and/or activation steering of the policy's base model on the same jobs."""
+def baseline_methods(cfg: DictConfig) -> list[str]:
     methods = list(cfg.baselines.methods or [])
     unknown = [m for m in methods if m not in ("prompting", "activation")]
     if unknown:
         raise ConfigError(f"baselines.methods: unknown {unknown}; choose from prompting, activation")
+    return methods
+
+
+def baseline_samples(cfg: DictConfig, base: Optional[SteerableModel], attributes, levels, prompts,
+                     options: dict) -> list[dict]:
+    """`baselines.methods`: prompting and/or activation steering of the policy's base model on the same jobs."""
+    methods = baseline_methods(cfg)
     if not methods:
         return []
-    base = bl.base_model(policy, str(policy.card["base_model"]))
     jobs = sweep_jobs(attributes, levels, prompts, int(cfg.baselines.n_samples))
     out = []
     if "prompting" in methods:
@@ -204,11 +209,11 @@ def baseline_samples(cfg: DictConfig, policy: SteerableModel, attributes, levels
         specs = {(a, lev): vectors.spec(a, layer, coef[lev], str(act.positions)) for a in attributes for lev in levels}
         out += answer(base, "activation", jobs, {**options, "seed": options["seed"] + 2},
                       steering_of=lambda j: specs[(j[0], j[1])])
-    del base
     return out
 
 
-def conditioning_results(cfg: DictConfig, policy: SteerableModel, attributes) -> Optional[dict]:
+def conditioning_results(cfg: DictConfig, policy: SteerableModel, base: Optional[SteerableModel],
+                         attributes) -> Optional[dict]:
     """Conditioning strength (steerlm.conditioning) of the policy and of its base model (the control) on the
     held-out labeled conversations in `conditioning.data`; None when that is null."""
     c = cfg.conditioning
@@ -221,7 +226,6 @@ def conditioning_results(cfg: DictConfig, policy: SteerableModel, attributes) ->
     levels = check_levels(list(c.levels), policy.schema)
     out = {"policy": measure(policy.model, policy.tokenizer, policy.format, policy.schema, convs, attributes, levels, **kw)}
     if c.control:
-        base = bl.base_model(policy, str(policy.card["base_model"]))
         out["base"] = measure(base.model, policy.tokenizer, policy.format, policy.schema, convs, attributes, levels, **kw)
     return out
 
@@ -249,7 +253,11 @@ def run(cfg: DictConfig) -> dict:
     # ===== generate: AC-SFT, then the baselines on the same prompts; rate everything in one call ==============
     samples = answer(model, "ac_sft", sweep_jobs(attributes, levels, prompts, n_samples), options,
                      attributes_of=lambda j: {j[0]: j[1]}, steering_of=(lambda j: spec) if spec is not None else None)
-    samples += baseline_samples(cfg, model, attributes, levels, prompts, options)
+    # the policy's base model, loaded once: the baselines answer with it, and it is the conditioning control
+    c = cfg.conditioning
+    needs_base = baseline_methods(cfg) or (c.data is not None and int(c.n) > 0 and c.control)
+    base = bl.base_model(model, str(model.card["base_model"])) if needs_base else None
+    samples += baseline_samples(cfg, base, attributes, levels, prompts, options)
     score_stats = ScoreStats()
     measure_samples(samples, scorer, score_stats)
 
@@ -258,7 +266,8 @@ def run(cfg: DictConfig) -> dict:
     methods = {m: sweep.method_stats([s for s in samples if s["method"] == m], attributes, levels, measures,
                                      n_boot=int(cfg.n_boot), seed=int(cfg.seed))
                for m in dict.fromkeys(s["method"] for s in samples)}
-    conditioning = conditioning_results(cfg, model, attributes)
+    conditioning = conditioning_results(cfg, model, base, attributes)
+    del base
 
     result = {
         "model": str(cfg.model.path), "rm": str(cfg.rm), "attributes": methods["ac_sft"]["attributes"], "levels": levels,
