@@ -222,6 +222,21 @@ def commit_chunk(parts: Path, c: int, rows: list[dict], fingerprint: str, stats:
                                         "sha256": hashlib.sha256(blob).hexdigest(), "counts": counts}))
 
 
+def write_rows(path: Path, rows: list[dict], output_format: str) -> None:
+    """Labeled rows -> `path` as JSONL, or parquet with the turns as a JSON string column (label dicts have per-row
+    keys)."""
+    if output_format == "jsonl":
+        write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": [r["id"] for r in rows], "group": [r["group"] for r in rows],
+                      "system": [r["system"] for r in rows], "source": [r["source"] for r in rows],
+                      "turns_json": [json.dumps(r["turns"], ensure_ascii=False) for r in rows]})
+    pq.write_table(table, path)
+
+
 def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_stats, total, t_start, info) -> dict:
     """Concatenate committed chunks in order into the output (atomically), then write the records."""
     missing = [c for c in range(n_chunks) if not chunk_done(parts, c, fingerprint)]
@@ -233,24 +248,14 @@ def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_st
     calib = cal.targets(str(cfg.calibration.method), written_attributes(cfg, scorer), target, scorer.card,
                         scorer.schema.levels())
     calibration = {}
-    if cfg.output_format == "jsonl" and not calib:
+    if cfg.output_format == "jsonl" and not calib:  # the committed chunks are the output: concatenate their bytes
         with open(tmp, "wb") as f:
             for c in range(n_chunks):
                 f.write(_chunk_paths(parts, c)[0].read_bytes())
-    else:
+    else:  # calibration needs every score of the dataset at once, parquet every row
         rows = [json.loads(line) for c in range(n_chunks) for line in _chunk_paths(parts, c)[0].read_bytes().splitlines()]
         calibration = cal.calibrate(rows, calib, scorer.schema.levels(), scorer.schema.format_label)
-    if cfg.output_format == "jsonl" and calib:
-        write_bytes_atomic(tmp, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
-    elif cfg.output_format != "jsonl":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        # turns are stored as a JSON string column: label dicts have per-row keys
-        table = pa.table({"id": [r["id"] for r in rows], "group": [r["group"] for r in rows],
-                          "system": [r["system"] for r in rows], "source": [r["source"] for r in rows],
-                          "turns_json": [json.dumps(r["turns"], ensure_ascii=False) for r in rows]})
-        pq.write_table(table, tmp)
+        write_rows(tmp, rows, cfg.output_format)
     os.replace(tmp, output)
     scorer.schema.save(out_dir)
     digest = hashlib.sha256(output.read_bytes()).hexdigest()
