@@ -268,8 +268,10 @@ class SteerableModel:
                                       eos_token_id=self.eos_ids, pad_token_id=pad, **stops, **sampling)
         return [self._cut(row.tolist()) for row in out[:, width:].cpu()]
 
-    def _cut(self, new_ids: list[int]) -> dict:
-        """Generated ids (finished rows are padded on the right) -> text up to the first eos / stop string."""
+    def _cut(self, new_ids: list[int], stops: Sequence[str] = ()) -> dict:
+        """Generated ids (finished rows are padded on the right) -> text up to the first eos / stop string
+        (the card's, plus `stops`: a server request's own)."""
+        stop_strings = [*self.stop_strings, *stops]
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         eos_at = next((k for k, t in enumerate(new_ids) if t in self.eos_ids), None)
         ids = new_ids[:eos_at] if eos_at is not None else new_ids
@@ -279,7 +281,7 @@ class SteerableModel:
         sampled = new_ids[:eos_at + 1] if eos_at is not None else list(ids)
         self.stats.generated_tokens += len(ids) + (eos_at is not None)
         text = decode(ids)
-        hits = [p for p in (text.find(s) for s in self.stop_strings) if p >= 0]
+        hits = [p for p in (text.find(s) for s in stop_strings) if p >= 0]
         n_tokens = len(ids)
         if hits:
             cut = min(hits)
@@ -288,7 +290,7 @@ class SteerableModel:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if len(decode(ids[:mid])) <= cut else (lo, mid - 1)
             text, n_tokens = text[:cut], lo
-            end = next(m for m in range(lo + 1, len(ids) + 1) if any(x in decode(ids[:m]) for x in self.stop_strings))
+            end = next(m for m in range(lo + 1, len(ids) + 1) if any(x in decode(ids[:m]) for x in stop_strings))
             sampled = ids[:end]
         if self.format.template == "nemo" and text.endswith(END_OF_TURN):
             text = text[:-len(END_OF_TURN)]  # NeMo writes "{response}\n<extra_id_1>"

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: FastAPI routes (`app`), pydantic bodies (`protocol`), the decoding thread (`engine`)."""
