@@ -38,6 +38,10 @@ Threads: 1 by default. On a 2-core machine shared with another job, two OpenMP t
 the other job holds a core (measured: a 64-row step of SmolLM2's linears took 3.5 s at 2 threads vs
 0.28 s at 1). Both paths always run with the same thread count.
 
+The fp32 ceiling line: tokens/s of a decoding step's matmuls alone (every linear layer and the LM head at
+16..128 rows, no attention or Python): no fp32 decoder on this machine can exceed it, so it says whether a
+target is reachable here at all.
+
 Ends with ``speedup_ppo=<x>`` and ``RESULT speedup_vs_hf_generate=<x> target=3``: continuous tokens/s
 over the fastest HF setting's, on workload (a).
 """
@@ -158,6 +162,24 @@ def speedup(acc: dict) -> tuple[float, str]:
     return rate["continuous"] / rate[best], best
 
 
+def linear_ceiling(model, rows: int, reps: int = 5) -> float:
+    """tokens/s of one decoding step's matmuls alone at `rows` rows (every nn.Linear, the LM head included; no
+    attention, no norms, no Python): an upper bound on any fp32 decoder's throughput on this machine."""
+    import torch
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {m.in_features: torch.randn(rows, m.in_features) for m in linears}
+    with torch.inference_mode():
+        for m in linears:  # warm-up
+            torch.nn.functional.linear(xs[m.in_features], m.weight)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for m in linears:
+                torch.nn.functional.linear(xs[m.in_features], m.weight)
+        step = (time.perf_counter() - t0) / reps
+    return rows / step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=5, help="(a): HelpSteer2 prompts, each x 3 attributes x 5 levels")
@@ -204,6 +226,8 @@ def main() -> None:
               "once)", flush=True)
         sweep = measure(model, methods, rounds, meter)
 
+        ceiling = {r: linear_ceiling(model.model, r) for r in (16, 32, 64, 128)}
+
         ppo = None
         if args.ppo_prompts > 0:
             n = args.ppo_prompts
@@ -232,6 +256,11 @@ def main() -> None:
         x, best = speedup(ppo)
         print(f"speedup_ppo={x:.2f} (over {best})")
     x, best = speedup(sweep)
+    hf_rate = sweep[best]["tokens"] / sweep[best]["seconds"]
+    print("fp32 ceiling, the model's linear layers alone per decoding step (no attention, no overhead): " +
+          ", ".join(f"{r} rows {t:.0f} tokens/s" for r, t in ceiling.items()) +
+          f"; 3x the fastest HF setting would be {3 * hf_rate:.0f} tokens/s "
+          f"({3 * hf_rate / max(ceiling.values()):.2f}x the best ceiling)")
     print(f"speedup over {best}")
     print(f"RESULT speedup_vs_hf_generate={x:.2f} target={TARGET:g}")
     if not ok:

@@ -125,8 +125,13 @@ def test_concurrent_requests_with_different_specs_share_steps_and_equal_direct_g
     bodies = [chat(p, max_tokens=30, steering=s, attributes={"verbosity": k % 5})
               for k, (p, s) in enumerate(zip(prompts, steering))]
     engine.stats["max_live_rows"] = 0
+    before = engine.stats["requests"]
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda b: post(url, b), bodies))
+        with engine.hold():  # decoding paused until all four have arrived: they start within two steps
+            futures = [pool.submit(post, url, b) for b in bodies]
+            while engine.stats["requests"] + engine.inbox.qsize() - before < 4:
+                time.sleep(0.01)
+        results = [f.result() for f in futures]
     assert all(code == 200 for code, _ in results), results
     assert engine.stats["max_live_rows"] >= 2  # requests decoded in the same steps
     for (_, out), p, s, k in zip(results, prompts, steering, range(4)):
@@ -150,6 +155,8 @@ BAD = [  # (body, status, words the one message must contain)
     (chat("Hi", frequency_penalty=1.0), 400, "frequency_penalty"),
     ({**chat("Hi"), "model": "gpt-4o"}, 404, "gpt-4o"),
     (chat("x" * 70000), 413, "body"),
+    (chat("Hi", steering={"layers": {"1": [{"type": "add", "vector": [1.0] * 64, "scale": float("nan")}]}}), 400,
+     "finite"),
 ]
 
 
@@ -166,6 +173,21 @@ def test_bad_requests_get_their_own_4xx_while_good_ones_are_answered(server):
     assert all(f.result()[0] == 200 for f in futures)
     code, _ = post(url, chat("Still there?"))
     assert code == 200
+
+
+def test_a_chunked_body_over_the_limit_is_a_413(server):
+    import http.client
+
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps(chat("y" * 70000)).encode()
+    conn.request("POST", "/v1/chat/completions", body=iter([body[:40000], body[40000:]]),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    resp = conn.getresponse()
+    out = json.loads(resp.read())
+    assert resp.status == 413 and "65536 bytes" in out["error"]["message"]
+    conn.close()
 
 
 def first_line(resp) -> bytes:

@@ -357,6 +357,8 @@ class DecodeLoop:
         for new, old in enumerate(keep):
             if new != old:
                 self.cache.move(old, new, self.lens[old])
+        if done:
+            self.cache.release(len(keep), len(self.rows))
         for r in sorted(done):
             self._finish(self.rows[r], None if self.rows[r].finish_reason else "cancelled")
         self.rows[:], self.lens[:], self.last[:] = ([x[r] for r in keep] for x in (self.rows, self.lens, self.last))

@@ -70,6 +70,12 @@ def make_slot_cache(n_layers: int):
                 at += length
             self.finite[slot] = max(self.finite[slot], at)
 
+        def release(self, first: int, end: int) -> None:
+            """Slots [first, end) are free. Their next rows zero every column they attend beyond their own tokens
+            again: a masked column still enters attention as 0 x value, and a previous row's values need not be
+            finite (a server runs whatever requests send)."""
+            self.finite[first:end] = [0] * (end - first)
+
         def move(self, src: int, dst: int, length: int) -> None:
             for t in (*self.keys, *self.values):
                 t[dst, :, :length] = t[src, :, :length]

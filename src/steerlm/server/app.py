@@ -9,7 +9,9 @@ body size (413), requests in flight (429), and an optional API key (401).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -28,6 +30,8 @@ from ..templates import END_OF_TURN
 from .engine import Engine
 from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                        ChunkChoice, Delta, ModelCard, ModelList, Usage, error_body)
+
+log = logging.getLogger("steerlm.server")
 
 
 @dataclass
@@ -83,40 +87,74 @@ class Job:
     steering: Optional[SteeringSpec]
 
 
-class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` (declared or streamed) is a 413 before anything parses it;
-    with an API key set, a request without `Authorization: Bearer <key>` is a 401 (`/health` is open)."""
+class Gate:
+    """ASGI middleware in front of every route: with an API key set, a request without `Authorization: Bearer
+    <key>` is a 401 (`/health` is open); a body over `max_bytes` (declared or streamed) is a 413. The body is
+    read here, within the limit, and replayed to the app, so nothing downstream ever sees an oversized one."""
 
     def __init__(self, app, max_bytes: int, api_key: Optional[str]):
-        self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
+        self.app, self.max_bytes = app, max_bytes
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        if self.api_key and scope["path"] != "/health" and \
-                not secrets.compare_digest(headers.get("authorization", ""), f"Bearer {self.api_key}"):
+        headers = dict(scope["headers"])  # ASGI: lower-case byte names
+        if self.expected is not None and scope["path"] != "/health" and \
+                not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
             return await JSONResponse(error_body("missing or wrong API key (Authorization: Bearer <key>)",
                                                  "authentication_error"), 401)(scope, receive, send)
-        if int(headers.get("content-length") or 0) > self.max_bytes:
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._too_large(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise ApiError(413, f"request body over {self.max_bytes} bytes")
-            return message
+            if message["type"] != "http.request":  # the client left while sending: let the app see that
+                replay = [message]
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+                break
 
-        try:
-            await self.app(scope, counted, send)
-        except ApiError:
-            await self._too_large(scope, receive, send)
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
 
     async def _too_large(self, scope, receive, send):
         await JSONResponse(error_body(f"request body over {self.max_bytes} bytes"), 413)(scope, receive, send)
+
+
+class TextStream:
+    """Incremental detokenization for streaming (vLLM's prefix / read offsets): a token decodes the few tokens
+    since the last emitted text, not the whole answer. End-of-turn ids are not text; pad ids are held until a
+    real token follows them (`_cut` drops trailing pads)."""
+
+    def __init__(self, tokenizer, eos_ids, pad_id: Optional[int]):
+        self.tokenizer, self.eos, self.pad = tokenizer, set(eos_ids), pad_id
+        self.ids: list[int] = []
+        self.text, self.prefix, self.read, self.pads = "", 0, 0, 0
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def add(self, token: int) -> None:
+        if token in self.eos:
+            return
+        if token == self.pad:
+            self.pads += 1
+            return
+        self.ids += [self.pad] * self.pads + [token]
+        self.pads = 0
+        before, full = self._decode(self.ids[self.prefix:self.read]), self._decode(self.ids[self.prefix:])
+        if len(full) > len(before) and not full.endswith("\ufffd"):  # a whole character more
+            self.text += full[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
 
 
 def create_app(policy, engine: Engine, *, model_id: str, vectors=None, default_layer: int = 0,
@@ -147,7 +185,10 @@ def create_app(policy, engine: Engine, *, model_id: str, vectors=None, default_l
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "in_flight": in_flight["n"], **engine.load, **engine.stats}
+        load = engine.load
+        body = {"status": "ok" if load["engine_alive"] else "engine stopped", "in_flight": in_flight["n"], **load,
+                **engine.stats}
+        return JSONResponse(body, 200 if load["engine_alive"] else 503)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():
@@ -200,16 +241,26 @@ def create_app(policy, engine: Engine, *, model_id: str, vectors=None, default_l
             raise ApiError(429, f"too many concurrent requests (this server takes {limits.max_concurrent})",
                            type_="rate_limit_error")
         in_flight["n"] += 1
-        events: asyncio.Queue = asyncio.Queue()
-        rows = engine.start(job.ids, body.n, max_tokens=job.max_tokens, temperature=job.temperature, top_p=body.top_p,
-                            seed=job.seed, stop=job.stop, steering=job.steering, events=events,
-                            aloop=asyncio.get_running_loop(), stream=body.stream)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_id}
+        rows: list = []
+        released = False
 
-        def release():
-            for r in rows:
-                r.cancelled = True  # no-op for finished rows; the engine drops live ones at its next step
-            in_flight["n"] -= 1
+        def release():  # once per request, whichever path ends it
+            nonlocal released
+            if not released:
+                released = True
+                for r in rows:
+                    r.cancelled = True  # no-op for finished rows; the engine drops live ones at its next step
+                in_flight["n"] -= 1
+
+        try:
+            events: asyncio.Queue = asyncio.Queue()
+            rows += engine.start(job.ids, body.n, max_tokens=job.max_tokens, temperature=job.temperature,
+                                 top_p=body.top_p, seed=job.seed, stop=job.stop, steering=job.steering, events=events,
+                                 aloop=asyncio.get_running_loop(), stream=body.stream)
+        except BaseException:
+            release()
+            raise
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_id}
 
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -240,16 +291,12 @@ def create_app(policy, engine: Engine, *, model_id: str, vectors=None, default_l
                               usage=Usage(prompt_tokens=len(job.ids), completion_tokens=completion,
                                           total_tokens=len(job.ids) + completion))
 
-    def visible(ids: list[int], stop: list[str]) -> str:
+    def visible(text: str, stop: list[str]) -> str:
         """Text that is safe to send before the row ends: nothing that could still turn out to be part of a
-        stop string (or the template's end of turn) or an incomplete UTF-8 character."""
-        if ids and ids[-1] in policy.eos_ids:
-            ids = ids[:-1]
-        text = policy.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        stop string (or the template's end of turn)."""
         hits = [p for p in (text.find(s) for s in [*policy.stop_strings, *stop]) if p >= 0]
         text = text[:min(hits)] if hits else text
-        text = text[:max(0, len(text) - max(holdback, max(map(len, stop), default=0)))]
-        return text.rstrip("\ufffd")
+        return text[:max(0, len(text) - max(holdback, max(map(len, stop), default=0)))]
 
     async def stream(job: Job, rows, events: asyncio.Queue, head: dict, usage: bool, release):
         def sse(choices, **extra) -> str:
@@ -258,7 +305,8 @@ def create_app(policy, engine: Engine, *, model_id: str, vectors=None, default_l
 
         try:
             yield "".join(sse([ChunkChoice(index=k, delta=Delta(role="assistant", content=""))]) for k in range(len(rows)))
-            sent, ids, left, completion = [""] * len(rows), [[] for _ in rows], len(rows), 0
+            sent, left, completion = [""] * len(rows), len(rows), 0
+            texts = [TextStream(policy.tokenizer, policy.eos_ids, policy.tokenizer.pad_token_id) for _ in rows]
             while left:
                 ev = await events.get()
                 k = ev.index
@@ -266,8 +314,8 @@ def create_app(policy, engine: Engine, *, model_id: str, vectors=None, default_l
                     yield f"data: {json.dumps(error_body('generation failed (see the server log)', 'server_error'))}\n\n"
                     return
                 if ev.token is not None:
-                    ids[k].append(ev.token)
-                    text = visible(ids[k], job.stop)
+                    texts[k].add(ev.token)
+                    text = visible(texts[k].text, job.stop)
                     if len(text) > len(sent[k]):
                         yield sse([ChunkChoice(index=k, delta=Delta(content=text[len(sent[k]):]))])
                         sent[k] = text
@@ -275,6 +323,8 @@ def create_app(policy, engine: Engine, *, model_id: str, vectors=None, default_l
                 left -= 1
                 cut = policy._cut(rows[k].out, job.stop)
                 completion += cut["tokens"]
+                if not cut["text"].startswith(sent[k]):  # a bug: the streamed text must be a prefix of the answer
+                    log.error("stream %s choice %d: sent %r is not a prefix of %r", head["id"], k, sent[k], cut["text"])
                 rest = cut["text"][len(sent[k]):] if cut["text"].startswith(sent[k]) else ""
                 yield sse([ChunkChoice(index=k, delta=Delta(content=rest or None),
                                        finish_reason="stop" if cut["stopped"] else "length")])
@@ -285,5 +335,5 @@ def create_app(policy, engine: Engine, *, model_id: str, vectors=None, default_l
         finally:  # also when the client goes away mid-stream: Starlette cancels this generator
             release()
 
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, api_key=limits.api_key)
+    app.add_middleware(Gate, max_bytes=limits.max_body_bytes, api_key=limits.api_key)
     return app

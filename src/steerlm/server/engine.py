@@ -13,6 +13,7 @@ onto each request's asyncio queue, so handlers never block the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -49,6 +50,8 @@ class Engine:
                       "cancelled": 0}
         self.log_every_s, self._logged = float(log_every_s), (time.time(), 0)
         self._stopping = threading.Event()
+        self.pending: set = set()  # rows submitted and not yet done: what a failed step must answer
+        self.gate = threading.Lock()  # held around each step (`hold`)
         self.loop = self._new_loop()
         self.thread = threading.Thread(target=self._run, name="steerlm-engine", daemon=True)
         self.thread.start()
@@ -70,6 +73,7 @@ class Engine:
         put = lambda ev: aloop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
 
         def done(r: Request, k: int) -> None:
+            self.pending.discard(r)
             self.stats["completion_tokens"] += len(r.out)
             self.stats["cancelled"] += r.finish_reason == "cancelled"
             put(Event(k, finish_reason=r.finish_reason))
@@ -82,48 +86,64 @@ class Engine:
 
     @property
     def load(self) -> dict:
-        return {"live_rows": len(self.loop.rows), "waiting_rows": len(self.loop.waiting) + self.inbox.qsize()}
+        return {"live_rows": len(self.loop.rows), "waiting_rows": len(self.loop.waiting) + self.inbox.qsize(),
+                "engine_alive": self.thread.is_alive()}
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Pause decoding while inside (requests keep queueing; the next step takes them all together)."""
+        with self.gate:
+            yield
 
     def close(self) -> None:
         self._stopping.set()
         self.inbox.put([])
         self.thread.join(timeout=30)
-        self.loop.close()
+        if not self.thread.is_alive():  # else a step is still running on the loop: leave it to the process exit
+            self.loop.close()
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stopping.is_set():
-            try:  # block while idle; otherwise take what arrived since the last step
-                batches = [self.inbox.get(timeout=None if self.loop.idle else 0)]
-            except queue.Empty:
-                batches = []
-            while not self.inbox.empty():
-                batches.append(self.inbox.get_nowait())
+            try:
+                self._once()
+            except Exception as e:  # noqa: BLE001 - every pending request gets the error, the engine serves on
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _once(self) -> None:
+        try:  # block while idle; otherwise take what arrived since the last step
+            batches = [self.inbox.get(timeout=None if self.loop.idle else 0)]
+        except queue.Empty:
+            batches = []
+        while not self.inbox.empty():
+            batches.append(self.inbox.get_nowait())
+        batches = [rows for rows in batches if rows]
+        self.stats["requests"] += len(batches)
+        self.stats["rows"] += sum(map(len, batches))
+        with self.gate:
             for rows in batches:
                 for r in rows:
+                    self.pending.add(r)
                     self.loop.submit(r)
-                if rows:
-                    self.stats["requests"] += 1
-                    self.stats["rows"] += len(rows)
             if self.loop.idle:
-                continue
-            t0, before = time.time(), sum(len(r.out) for r in self.loop.rows)
-            try:
-                self.loop.step()
-            except Exception as e:  # noqa: BLE001 - every live request gets the error, the server keeps serving
-                self._fail_all(f"{type(e).__name__}: {e}")
-                continue
+                return
+            t0 = time.time()
+            self.loop.step()
             self.stats["steps"] += 1
             self.stats["busy_s"] += time.time() - t0
             self.stats["max_live_rows"] = max(self.stats["max_live_rows"], len(self.loop.rows))
-            self._log()
+        self._log()
 
     def _fail_all(self, message: str) -> None:
+        """A step failed: end every request the engine holds (live, waiting or just taken), start a fresh loop."""
         self.stats["errors"] += 1
-        print0(f"engine: step failed, ending {len(self.loop.rows) + len(self.loop.waiting)} rows: {message}")
-        rows = [*self.loop.rows, *self.loop.waiting]
-        self.loop.close()
+        rows, self.pending = list(self.pending), set()
+        print0(f"engine: a step failed, ending {len(rows)} rows: {message}")
+        try:
+            self.loop.close()
+        except Exception:  # noqa: BLE001 - a loop that failed may fail to close; it is dropped either way
+            pass
         self.loop = self._new_loop()
         for r in rows:
             r.finish_reason = "error"

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..attributes import get_schema
 from ..data.batching import global_batches
+from ..data.length_cuts import length_cut_copies
 from ..data.packing import collate_packed, collate_padded
 from ..data.sources import load_mixture, require_input_schemas
 from ..data.split import split_by_group
@@ -367,12 +368,20 @@ def setup_data(cfg: DictConfig, schema, tokenizer, fmt: SFTFormat) -> dict:
     conversations, load_stats = load_mixture(specs, schema)
     train_conv, val_conv = split_by_group(conversations, cfg.eval.val_fraction, cfg.seed)
     where = ", ".join(str(s.get("path")) for s in specs)
+    cuts = cfg.get("length_cuts") or {}
+    cut_stats = None
+    if cuts.get("attribute"):  # training split only: validation and the conditioning probe keep the data as it is
+        if cuts.attribute not in schema:
+            raise ConfigError(f"length_cuts.attribute={cuts.attribute!r} is not in schema {schema.name!r}")
+        train_conv, cut_stats = length_cut_copies(train_conv, cuts.attribute, [int(v) for v in schema.levels()],
+                                                  copies=int(cuts.copies), relabel=bool(cuts.relabel), seed=cfg.seed)
+        print0(f"length_cuts: {json.dumps(cut_stats)}")
     kw = dict(max_length=cfg.max_length, over_length=cfg.over_length, where=where)
     train, rep_train = sd.encode_examples(train_conv, fmt, tokenizer, schema, **kw)
     val, rep_val = sd.encode_examples(val_conv, fmt, tokenizer, schema, **kw)
     if not train:
         raise DataError(where, None, None, "no trainable conversations after loading and filtering (see the skip counts)")
-    reports = {"load": load_stats, "train": rep_train.to_dict(), "val": rep_val.to_dict()}
+    reports = {"load": load_stats, "train": rep_train.to_dict(), "val": rep_val.to_dict(), "length_cuts": cut_stats}
     print0(f"data: train {json.dumps({k: v for k, v in rep_train.to_dict().items() if k != 'attribute_counts'})}")
     return {"train": train, "val": val, "reports": reports, "steerable": sd.steerable_attributes(rep_train, schema),
             "val_conversations": val_conv}

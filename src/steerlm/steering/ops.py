@@ -38,6 +38,16 @@ def _unit(vector, what: str) -> torch.Tensor:
     return v if abs(norm - 1.0) < 1e-6 else v / norm  # already unit (a loaded spec): keep its exact bits
 
 
+def _finite(value, what: str) -> Optional[float]:
+    """A scale or bound as float; NaN / inf would poison the activations (and a server's shared KV cache)."""
+    if value is None:
+        return None
+    v = float(value)
+    if not math.isfinite(v):
+        raise ConfigError(f"{what} must be a finite number, got {value!r}")
+    return v
+
+
 @dataclass
 class Add:
     vector: torch.Tensor
@@ -45,7 +55,7 @@ class Add:
 
     def __post_init__(self):
         self.vector = _unit(self.vector, "Add")
-        self.scale = float(self.scale)
+        self.scale = _finite(self.scale, "Add: scale")
 
     @classmethod
     def from_unnormalized(cls, vector, coefficient: float = 1.0) -> "Add":
@@ -68,6 +78,7 @@ class ProjectionCap:
 
     def __post_init__(self):
         self.vector = _unit(self.vector, "ProjectionCap")
+        self.min, self.max = _finite(self.min, "ProjectionCap: min"), _finite(self.max, "ProjectionCap: max")
         if self.min is None and self.max is None:
             raise ConfigError("ProjectionCap needs min, max or both")
 
@@ -87,7 +98,7 @@ class Ablation:
 
     def __post_init__(self):
         self.vector = _unit(self.vector, "Ablation")
-        self.scale = float(self.scale)
+        self.scale = _finite(self.scale, "Ablation: scale")
 
     def is_noop(self) -> bool:
         return self.scale == 1.0
