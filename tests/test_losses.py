@@ -155,3 +155,24 @@ def test_scalarize():
     out = scalarize(pred, torch.tensor([0.5, 0.0, -1.0], dtype=torch.float64))
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.tensor([-2.5, -4.0]))
+
+
+def test_end_of_turn_weight_adds_w_minus_1_times_the_end_tokens_nll():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from steerlm.losses import next_token_nll, token_log_probs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    END = 7
+    ids = torch.tensor([[1, 2, 3, 4, END, 5], [3, 3, 6, END, 9, END]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+    batch = {"input_ids": ids, "loss_mask": mask}
+    plain, n = next_token_nll(model, batch)
+    weighted, n_w = next_token_nll(model, batch, torch.tensor([END]), 5.0)
+    lp, _ = token_log_probs(model, batch)
+    end_nll = -lp[(ids == END) & mask.bool()].sum()
+    assert n == n_w == int(mask.sum())
+    assert torch.allclose(weighted, plain + 4.0 * end_nll, atol=1e-5)
+    assert torch.allclose(next_token_nll(model, batch, torch.tensor([END]), 1.0)[0], plain)

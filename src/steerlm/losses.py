@@ -11,6 +11,8 @@ and `bt_loss_func`; HelpSteer2-Preference (arXiv 2410.01257) §3 for scaled BT.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -81,16 +83,25 @@ def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch
     return logits.float(), targets, keep
 
 
-def next_token_nll(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Σ_t −log p(x_{t+1} | x_≤t) over trained targets, and the number of targets.
+def next_token_nll(model, batch: dict, end_ids: Optional[torch.Tensor] = None,
+                   end_weight: float = 1.0) -> tuple[torch.Tensor, int]:
+    """Σ_t w_t · −log p(x_{t+1} | x_≤t) over trained targets, and the number of targets.
 
     The sum (not the mean) is returned so the caller can divide by the trained-token count of the
     whole global batch: the step is then the same for any packing, micro-batching or world size.
+    w_t = end_weight where x_{t+1} is an end-of-turn id in `end_ids`, else 1: a response's length is
+    decided by that one token, 1/|y| of its loss (AC-SFT's verbosity string acts mostly there).
     """
     if getattr(model, "is_megatron", False):  # engine=megatron: vocab-parallel cross entropy on TP shards
+        if end_weight != 1.0:
+            raise ValueError("end_of_turn_weight is a torch-engine option")
         return model.next_token_nll(batch)
     logits, targets, _ = target_logits(model, batch)
-    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+    if end_weight == 1.0 or end_ids is None:
+        return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+    nll = F.cross_entropy(logits, targets, reduction="none")
+    w = torch.where(torch.isin(targets, end_ids.to(targets.device)), float(end_weight), 1.0)
+    return (nll * w.to(nll.dtype)).sum(), int(targets.numel())
 
 
 def token_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,6 +117,10 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     group_by_length = (not cfg.packing) if cfg.train.group_by_length is None else bool(cfg.train.group_by_length)
     conditioning = ConditioningProbe(cfg, data, tokenizer, fmt, schema, info, amp_dtype, strategy)
     contrast = LabelContrast(cfg, train, tokenizer, fmt, schema, strategy, pad_id=tokenizer.pad_token_id)
+    end_weight = float(cfg.get("end_of_turn_weight", 1.0))
+    end_ids = end_of_turn_ids(fmt, tokenizer) if end_weight != 1.0 else None
+    if end_weight != 1.0 and (strategy == "megatron" or contrast.on):
+        raise ConfigError("end_of_turn_weight != 1 is a torch-engine option without the label contrast")
     totals = {"tokens": 0, "trained": 0, "padded": 0}
     if step == 0:
         conditioning.log(model, logger, step, 0)  # the base model: where the curve starts
@@ -151,7 +155,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                                 nll, c_loss = contrast.micro_step(model, plan[j] or [[gb[0]]], batch, info.device)
                                 loss = nll / n_targets + contrast.weight * c_loss / max(n_contrast, 1)
                             else:
-                                nll, _ = next_token_nll(model, batch)
+                                nll, _ = next_token_nll(model, batch, end_ids, end_weight)
                                 loss = nll / n_targets
                         (loss * weights[j] * world).backward()
                     nlls.append(float(nll.detach()))
@@ -385,6 +389,18 @@ def setup_data(cfg: DictConfig, schema, tokenizer, fmt: SFTFormat) -> dict:
     print0(f"data: train {json.dumps({k: v for k, v in rep_train.to_dict().items() if k != 'attribute_counts'})}")
     return {"train": train, "val": val, "reports": reports, "steerable": sd.steerable_attributes(rep_train, schema),
             "val_conversations": val_conv}
+
+
+def end_of_turn_ids(fmt: SFTFormat, tokenizer) -> torch.Tensor:
+    """The token ids that end a response (single-token stop strings, the eos): `end_of_turn_weight` weights them."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for s in fmt.resolved_stop_strings(tokenizer):
+        toks = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if len(toks) == 1:
+            ids.add(toks[0])
+    if not ids:
+        raise ConfigError("end_of_turn_weight needs an end of turn that is one token (an eos or a one-token stop string)")
+    return torch.tensor(sorted(ids))
 
 
 def effective_pack_length(cfg: DictConfig) -> int:
