@@ -9,15 +9,15 @@ The stage itself lives in steerlm.stages.steering_vectors; this file only wires 
 import hydra
 from omegaconf import DictConfig
 
-from steerlm.errors import user_errors
+from steerlm import cli
 from steerlm.stages import steering_vectors
 
 
 @hydra.main(config_path="../conf", config_name="steering_vectors", version_base="1.3")
-@user_errors
+@cli.stage_entry
 def main(cfg: DictConfig) -> None:
     steering_vectors.run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

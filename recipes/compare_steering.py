@@ -9,15 +9,15 @@ The stage itself lives in steerlm.stages.steer_compare; this file only wires Hyd
 import hydra
 from omegaconf import DictConfig
 
-from steerlm.errors import user_errors
+from steerlm import cli
 from steerlm.stages import steer_compare
 
 
 @hydra.main(config_path="../conf", config_name="compare_steering", version_base="1.3")
-@user_errors
+@cli.stage_entry
 def main(cfg: DictConfig) -> None:
     steer_compare.run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

@@ -9,15 +9,15 @@ The stage itself lives in steerlm.stages.evaluate; this file only wires Hydra to
 import hydra
 from omegaconf import DictConfig
 
-from steerlm.errors import user_errors
+from steerlm import cli
 from steerlm.stages import evaluate
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
-@user_errors
+@cli.stage_entry
 def main(cfg: DictConfig) -> None:
     evaluate.run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

@@ -10,15 +10,15 @@ The stage itself lives in steerlm.stages.label; this file only wires Hydra to it
 import hydra
 from omegaconf import DictConfig
 
-from steerlm.errors import user_errors
+from steerlm import cli
 from steerlm.stages import label
 
 
 @hydra.main(config_path="../conf", config_name="label", version_base="1.3")
-@user_errors
+@cli.stage_entry
 def main(cfg: DictConfig) -> None:
     label.run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

@@ -11,15 +11,14 @@ Planning, skipping and resuming live in steerlm.pipeline, the report in steerlm.
 import hydra
 from omegaconf import DictConfig
 
-from steerlm import pipeline
-from steerlm.errors import user_errors
+from steerlm import cli, pipeline
 
 
 @hydra.main(config_path="../conf", config_name="pipeline", version_base="1.3")
-@user_errors
+@cli.stage_entry
 def main(cfg: DictConfig) -> None:
     pipeline.run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

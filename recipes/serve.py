@@ -9,15 +9,15 @@ The server itself lives in steerlm.stages.serve; this file only wires Hydra to i
 import hydra
 from omegaconf import DictConfig
 
-from steerlm.errors import user_errors
+from steerlm import cli
 from steerlm.stages import serve
 
 
 @hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
-@user_errors
+@cli.stage_entry
 def main(cfg: DictConfig) -> None:
     serve.run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

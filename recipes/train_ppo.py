@@ -8,15 +8,15 @@ The stage lives in steerlm.stages.ppo (math: steerlm.ppo_math); this file only w
 import hydra
 from omegaconf import DictConfig
 
-from steerlm.errors import user_errors
+from steerlm import cli
 from steerlm.stages import ppo
 
 
 @hydra.main(config_path="../conf", config_name="ppo", version_base="1.3")
-@user_errors
+@cli.stage_entry
 def main(cfg: DictConfig) -> None:
     ppo.run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

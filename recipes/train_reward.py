@@ -10,15 +10,15 @@ The stage itself lives in steerlm.stages.reward; this file only wires Hydra to i
 import hydra
 from omegaconf import DictConfig
 
-from steerlm.errors import user_errors
+from steerlm import cli
 from steerlm.stages import reward
 
 
 @hydra.main(config_path="../conf", config_name="reward", version_base="1.3")
-@user_errors
+@cli.stage_entry
 def main(cfg: DictConfig) -> None:
     reward.run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

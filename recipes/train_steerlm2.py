@@ -10,15 +10,15 @@ The stage lives in steerlm.stages.steerlm2 (math: steerlm.steerlm2_math); this f
 import hydra
 from omegaconf import DictConfig
 
-from steerlm.errors import user_errors
+from steerlm import cli
 from steerlm.stages import steerlm2
 
 
 @hydra.main(config_path="../conf", config_name="steerlm2", version_base="1.3")
-@user_errors
+@cli.stage_entry
 def main(cfg: DictConfig) -> None:
     steerlm2.run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 from ..attributes import AttributeSchema
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .helpsteer2 import PREFERENCE_DATA_DIR, helpsteer2_conversations, helpsteer2_preference_pairs
 from .nemo import nemo_chat_conversations, nemo_regression_conversations
 from .oasst import oasst_conversations, oasst_preference_pairs
@@ -36,23 +36,24 @@ PAIR_FORMATS = ("helpsteer2", "oasst", "canonical")
 SPEC_KEYS = {"format", "path", "split", "data_dir", "revision", "max_rows", "name", "attributes", "lang"}
 
 
-def _check_spec(spec: Mapping, formats: tuple) -> dict:
+def check_spec(spec: Mapping, formats: tuple = FORMATS, where: str = "data spec") -> dict:
+    """A source spec's keys and values, checked before anything is read (ConfigError naming `where`)."""
     spec = dict(spec)
     unknown = set(spec) - SPEC_KEYS
     if unknown:
-        raise ValueError(f"data spec has unknown keys {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
+        raise ConfigError(f"{where} has unknown keys {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
     if spec.get("format") not in formats:
-        raise ValueError(f"data spec format {spec.get('format')!r} is not one of {formats}")
+        raise ConfigError(f"{where} format {spec.get('format')!r} is not one of {formats}")
     if not spec.get("path"):
-        raise ValueError(f"data spec {spec} has no 'path'")
+        raise ConfigError(f"{where} {spec} has no 'path'")
     max_rows = spec.get("max_rows")
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-        raise ValueError(f"data spec max_rows must be a positive integer, got {max_rows!r}")
+        raise ConfigError(f"{where} max_rows must be a positive integer, got {max_rows!r}")
     for key, fmts in (("attributes", ("helpsteer2", "oasst")), ("lang", ("oasst",))):
         if spec.get(key) is not None and spec["format"] not in fmts:
-            raise ValueError(f"data spec key {key!r} applies only to formats {fmts}")
+            raise ConfigError(f"{where} key {key!r} applies only to formats {fmts}")
     if spec.get("name") is not None and spec["format"] == "canonical":
-        raise ValueError("data spec 'name' does not apply to format 'canonical' (rows carry their own ids)")
+        raise ConfigError(f"{where} 'name' does not apply to format 'canonical' (rows carry their own ids)")
     return spec
 
 
@@ -64,7 +65,7 @@ def _open(spec: dict, *, hub_split: Optional[str] = None, data_dir: Optional[str
     where, is_hub, rows = open_rows(spec["path"], split=split, data_dir=spec.get("data_dir") or data_dir,
                                     revision=spec.get("revision"))
     if not is_hub and spec.get("split") and not split_filters_rows:
-        raise ValueError(f"{where}: 'split' selects a hub split; this is a local file (drop 'split')")
+        raise ConfigError(f"{where}: 'split' selects a hub split; this is a local file (drop 'split')")
     if spec.get("max_rows"):
         rows = itertools.islice(rows, spec["max_rows"])
     return where, is_hub, rows
@@ -102,7 +103,7 @@ def _canonical_conversations(rows, schema, where) -> tuple[list, dict]:
 
 def load_conversations(spec: Mapping, schema: AttributeSchema) -> tuple[list[Conversation], dict]:
     """Load one source as validated canonical conversations; returns (conversations, stats)."""
-    spec = _check_spec(spec, FORMATS)
+    spec = check_spec(spec, FORMATS)
     fmt = spec["format"]
     where, is_hub, rows = _open(spec)
     if fmt == "helpsteer2":
@@ -158,7 +159,7 @@ def load_preference_pairs(spec: Mapping, schema: Optional[AttributeSchema] = Non
     field when the spec gives `split`) or a local preference file; oasst: ranked sibling replies;
     canonical: JSONL of pairs. `schema` is accepted for a uniform call signature (pairs carry no labels).
     """
-    spec = _check_spec(spec, PAIR_FORMATS)
+    spec = check_spec(spec, PAIR_FORMATS)
     fmt = spec["format"]
     if fmt == "helpsteer2":
         where, is_hub, rows = _open(spec, hub_split="train", data_dir=PREFERENCE_DATA_DIR, split_filters_rows=True)
@@ -191,7 +192,7 @@ def load_mixture(specs: Iterable[Mapping], schema: AttributeSchema, *, kind: str
         raise ValueError(f"kind must be one of {sorted(loaders)}, got {kind!r}")
     specs = list(specs)
     if not specs:
-        raise ValueError("a data mixture needs at least one source spec")
+        raise ConfigError("a data mixture needs at least one source spec")
     items, per_source, seen = [], [], {}
     for spec in specs:
         got, stats = loaders[kind](spec, schema)
