@@ -179,7 +179,7 @@ def test_prompt_files(model, tmp_path):
             read_prompts_file(str(path), model.schema)
         assert (e.value.source, e.value.line, e.value.field) == (str(path), line, field), str(e.value)
     path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"prompt": "torn\n')
-    with pytest.raises(DataError, match=r"p\.jsonl:3: not valid JSON"):
+    with pytest.raises(DataError, match=r"p\.jsonl:3: malformed JSON"):
         read_prompts_file(str(path), model.schema)
 
 

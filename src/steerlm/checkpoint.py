@@ -15,6 +15,7 @@ back with safetensors or `torch.load(weights_only=True)`; nothing is unpickled.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -24,8 +25,12 @@ from typing import Callable, Iterator, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import OutputError
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+# a write that failed for these reasons is the environment's doing: one line naming the path, not a traceback
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def staging_dir(final: str | os.PathLike) -> Path:
@@ -42,8 +47,10 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS and not isinstance(e, OutputError):
+            raise OutputError(final, "this directory", e) from e
         raise
     fsync_dir(tmp)
     if final.exists():
@@ -63,19 +70,33 @@ def fsync_dir(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to `<path>.tmp`, fsync, rename: readers see the old file or the whole new one."""
+@contextlib.contextmanager
+def staged_file(path: str | os.PathLike, what: Optional[str] = None) -> Iterator[Path]:
+    """Yield `<path>.tmp` to write; on success rename it to `path`. On any failure the `.tmp` is removed, and a
+    full disk or an unwritable directory becomes an OutputError naming `path` and `what` was being written."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS and not isinstance(e, OutputError):
+            raise OutputError(path, what or path.name, e) from e
+        raise
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, what: Optional[str] = None) -> None:
+    """Write to `<path>.tmp`, fsync, rename: readers see the old file or the whole new one."""
+    with staged_file(path, what) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, what: Optional[str] = None) -> None:
+    write_bytes_atomic(path, text.encode(), what)
 
 
 def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -152,7 +152,7 @@ RULES: dict[str, Rule] = {
 def flat_items(cfg, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted key, resolved value) of every leaf; lists are leaves."""
     for key in cfg:
-        if prefix == "" and key == "hydra":
+        if key == "hydra":  # Hydra's own settings (a stage config nested in the pipeline's keeps its copy)
             continue
         value = cfg[key]  # resolves interpolations; a broken one raises a one-line OmegaConf error
         if isinstance(value, DictConfig):

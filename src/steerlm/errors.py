@@ -44,7 +44,7 @@ class OutputError(OSError):
     def __init__(self, path, what: str, cause: OSError):
         self.path, self.what = str(path), what
         reason = cause.strerror or str(cause)
-        super().__init__(cause.errno, f"{path}: cannot write {what}: {reason}; nothing partial was kept "
+        super().__init__(cause.errno, f"{path}: writing {what} failed: {reason}; nothing partial was kept "
                                       f"(fix it and rerun the same command to continue)")
 
     def __str__(self) -> str:

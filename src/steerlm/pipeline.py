@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -290,10 +291,59 @@ def _write_record(step: Step, status: str, *, wall: Optional[float] = None, outp
     write_text_atomic(step.dir / RECORD, json.dumps(record, indent=2, default=str) + "\n")
 
 
-def run(cfg: DictConfig) -> list[dict]:
-    """Plan, run each selected stage that is not up to date, write report.md/.html. -> per-stage results."""
+def set_aside(stage_dir: Path, run_dir: Path, stage: str) -> tuple[Path, Path]:
+    """Move `stage_dir` to `.previous/<stage>`; the copy already there waits in `.previous/.<stage>.older` until the
+    new run succeeds. -> (previous, older)."""
+    previous, older = run_dir / ".previous" / stage, run_dir / ".previous" / f".{stage}.older"
+    shutil.rmtree(older, ignore_errors=True)
+    previous.parent.mkdir(parents=True, exist_ok=True)
+    if previous.exists():
+        os.replace(previous, older)
+    shutil.move(str(stage_dir), str(previous))
+    print0(f"{stage}: the earlier {stage_dir} moved to {previous}")
+    return previous, older
+
+
+def restore(stage_dir: Path, previous: Path, older: Path) -> None:
+    """Undo `set_aside` after a failed run: the new partial output goes, the earlier one comes back."""
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    shutil.move(str(previous), str(stage_dir))
+    if older.exists():
+        os.replace(older, previous)
+    print0(f"the earlier {stage_dir} is back in place (this run failed)")
+
+
+def _run_step(step: Step, info, configs_dirs: dict[str, Path]) -> dict:
+    """Run one stage that is not up to date and write its record. -> its result row."""
     import importlib
 
+    # inputs are digested now: upstream stages of this invocation have just finished
+    step.record_inputs = {str(path): input_digest(str(path), producer_of(str(path), {
+        n: d for n, d in configs_dirs.items() if n != step.stage}), configs_dirs)
+        for _, path in STAGES[step.stage].inputs(step.config)}
+    if info.is_main and step.action != "record":
+        _write_record(step, "running", resumed=step.action == "resume")
+    te.barrier()
+    t0 = time.time()
+    if step.action != "record" and (STAGES[step.stage].every_rank or info.is_main):
+        te.reset_peak_memory(info.device)
+        stage_module = importlib.import_module(STAGES[step.stage].entry)
+        stage_module.run(OmegaConf.create(step.config))
+        gc.collect()
+    te.barrier()
+    wall = time.time() - t0
+    missing = [f for f in STAGES[step.stage].finished if not (step.dir / f).exists()]
+    if missing:
+        raise RuntimeError(f"stage {step.stage} returned without writing {missing} in {step.dir}")
+    if info.is_main:
+        _write_record(step, "complete", wall=wall, outputs=output_files(step.dir), resumed=step.action != "run")
+    te.barrier()
+    print0(f"{step.stage}: done in {wall:.1f} s")
+    return {"stage": step.stage, "action": step.action, "wall_time_s": round(wall, 1)}
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    """Plan, run each selected stage that is not up to date, write report.md/.html. -> per-stage results."""
     with te.distributed(cfg.get("device", "auto")) as info:
         steps = plan(cfg)
         print0(f"pipeline {cfg.run_dir}: {len(steps)} stage(s)\n{format_plan(steps)}")
@@ -304,37 +354,18 @@ def run(cfg: DictConfig) -> list[dict]:
                 results.append({"stage": step.stage, "action": "skip", "wall_time_s": step.record.get("wall_time_s")})
                 continue
             print0(f"\n===== [{i}/{len(steps)}] {step.stage}: {step.action} ({step.reason}) =====")
+            aside = None
             if info.is_main and step.action == "run" and _nonempty(step.dir):
-                previous = Path(cfg.run_dir) / ".previous" / step.stage
-                shutil.rmtree(previous, ignore_errors=True)
-                previous.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(step.dir), str(previous))
-                print0(f"{step.stage}: the earlier {step.dir} moved to {previous}")
+                aside = set_aside(step.dir, Path(cfg.run_dir), step.stage)
             te.barrier()
-            # inputs are digested now: upstream stages of this invocation have just finished
-            step.record_inputs = {str(path): input_digest(str(path), producer_of(str(path), {
-                n: d for n, d in configs_dirs.items() if n != step.stage}), configs_dirs)
-                for _, path in STAGES[step.stage].inputs(step.config)}
-            if info.is_main and step.action != "record":
-                _write_record(step, "running", resumed=step.action == "resume")
-            te.barrier()
-            t0 = time.time()
-            if step.action != "record" and (STAGES[step.stage].every_rank or info.is_main):
-                te.reset_peak_memory(info.device)
-                stage_module = importlib.import_module(STAGES[step.stage].entry)
-                stage_module.run(OmegaConf.create(step.config))
-                gc.collect()
-            te.barrier()
-            wall = time.time() - t0
-            missing = [f for f in STAGES[step.stage].finished if not (step.dir / f).exists()]
-            if missing:
-                raise RuntimeError(f"stage {step.stage} returned without writing {missing} in {step.dir}")
-            if info.is_main:
-                _write_record(step, "complete", wall=wall, outputs=output_files(step.dir),
-                              resumed=step.action != "run")
-            te.barrier()
-            results.append({"stage": step.stage, "action": step.action, "wall_time_s": round(wall, 1)})
-            print0(f"{step.stage}: done in {wall:.1f} s")
+            try:
+                results.append(_run_step(step, info, configs_dirs))
+            except Exception:  # a failed stage leaves its earlier output exactly as it was (kill/Ctrl-C: resumable)
+                if aside is not None:
+                    restore(step.dir, *aside)
+                raise
+            if aside is not None:
+                shutil.rmtree(aside[1], ignore_errors=True)
         if info.is_main:
             from .report import write_report  # imports this module
 

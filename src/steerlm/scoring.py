@@ -98,6 +98,8 @@ class RewardScorer:
     def __init__(self, rm_path: str, *, device: str = "auto", precision: str = "auto", batch_tokens: Optional[int] = None,
                  max_length: Optional[int] = None, over_length: str = "error", tensor_parallel: Optional[int] = None,
                  pipeline_parallel: int = 1, sequence_parallel: bool = False):
+        if precision not in ("auto", "bf16", "fp32"):  # never run an unknown precision as fp32 without a word
+            raise ConfigError(f"engine.precision={precision!r}: expected one of auto | bf16 | fp32")
         if over_length not in OVER_LENGTH:
             raise ConfigError(f"unknown over_length {over_length!r}; choose one of {OVER_LENGTH}")
         card_path = Path(rm_path) / RM_CARD

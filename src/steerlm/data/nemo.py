@@ -55,6 +55,18 @@ def _group(prefix: str, system: Optional[str], first_turn: str) -> str:
     return prompt_group(prefix, f"{system or ''}\x00{first_turn}")
 
 
+# NeMo-Aligner's enum-like chat fields -> the values steerlm reads the row correctly under (absent is fine).
+# mask names the speaker whose turns are not trained on: steerlm trains on the assistant's, so only "User".
+ENUM_FIELDS = {"mask": ("User",), "type": ("VALUE_TO_TEXT", "TEXT_TO_VALUE")}
+
+
+def check_enum_fields(row: dict, where: str, line: int) -> None:
+    for field, allowed in ENUM_FIELDS.items():
+        if row.get(field) is not None and row[field] not in allowed:
+            raise DataError(where, line, field, f"{row[field]!r} is not supported; expected one of "
+                                                f"{', '.join(map(repr, allowed))} (or leave it out)")
+
+
 # ------------------------------------------------------------------ chat JSONL
 def nemo_chat_conversations(
     rows: Iterable[tuple[int, dict]], schema: AttributeSchema, *, where: str, id_prefix: str = "nemo_chat",
@@ -68,6 +80,7 @@ def nemo_chat_conversations(
     convs: list[Conversation] = []
     rated = 0
     for line, row in rows:
+        check_enum_fields(row, where, line)
         conversations = row.get("conversations")
         if not isinstance(conversations, list) or not conversations:
             raise DataError(where, line, "conversations", "missing or empty list of turns")

@@ -35,11 +35,35 @@ def _short(err: Exception) -> str:
     return str(err).splitlines()[0][:120] if str(err) else type(err).__name__
 
 
-def _parse_object(text: str, path: str, line: int) -> dict:
+class DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """json object_pairs_hook: a key twice in one object is an error (json would keep the last value silently)."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def loads_strict(text: str | bytes, path: str, line: Optional[int]):
+    """json.loads that refuses duplicate keys; errors are DataErrors naming path:line (and the key)."""
     try:
-        obj = json.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
-        raise DataError(path, line, None, f"malformed JSON: {e.msg} (column {e.colno})") from None
+        raise DataError(path, line if line is not None else e.lineno, None,
+                        f"malformed JSON: {e.msg} (column {e.colno})") from None
+    except DuplicateKey as e:
+        raise DataError(path, line, e.key, "the key appears twice in one object (which value is meant?)") from None
+
+
+def _parse_object(text: str, path: str, line: int) -> dict:
+    obj = loads_strict(text, path, line)
     if not isinstance(obj, dict):
         raise DataError(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -48,11 +72,16 @@ def _parse_object(text: str, path: str, line: int) -> dict:
 def _iter_json_lines(path: str, opener) -> Iterator[tuple[int, dict]]:
     line_no = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line_no, text in enumerate(f, start=1):
+        # bytes, decoded line by line: a text stream decodes ahead in blocks, so a bad byte would be
+        # reported at the line being parsed, not the one that holds it
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                text = raw.decode("utf-8")
                 if text.strip():  # blank lines (e.g. a trailing one) are not records
                     yield line_no, _parse_object(text, path, line_no)
-    except (UnicodeDecodeError, OSError, EOFError) as e:
+    except UnicodeDecodeError as e:
+        raise DataError(path, line_no, None, f"not UTF-8 text: {_short(e)}") from None
+    except (OSError, EOFError) as e:  # a truncated gzip stream fails at the line after the last whole one
         raise DataError(path, line_no + 1, None, f"cannot read: {_short(e)}") from None
 
 
@@ -66,10 +95,7 @@ def _iter_json_file(path: str, opener) -> Iterator[tuple[int, dict]]:
     if not text.lstrip().startswith("["):
         yield from _iter_json_lines(path, opener)
         return
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(path, e.lineno, None, f"malformed JSON: {e.msg} (column {e.colno})") from None
+    items = loads_strict(text, path, None)
     for i, obj in enumerate(items, start=1):
         if not isinstance(obj, dict):
             raise DataError(path, i, None, f"list item is a {type(obj).__name__}, expected a JSON object")

@@ -95,6 +95,9 @@ def validate_conversation(conv: dict, schema: AttributeSchema, *, where: str, li
                 raise DataError(where, line, f"turns[{i}].labels", str(e)) from None
             labels = labels or None
         clean.append(make_turn(role, content, labels))
+    if clean[0]["role"] != "user":  # a reply with no prompt: the RM would rate it, SFT would train on it
+        raise DataError(where, line, "turns[0].role", f"a conversation must start with a user turn (the system "
+                                                      f"prompt is the 'system' field), not {clean[0]['role']!r}")
     return {"id": conv["id"], "group": conv["group"], "system": system, "turns": clean, "source": conv["source"]}
 
 

@@ -28,7 +28,7 @@ from ..errors import ConfigError, DataError
 from .helpsteer2 import PREFERENCE_DATA_DIR, helpsteer2_conversations, helpsteer2_preference_pairs
 from .nemo import nemo_chat_conversations, nemo_regression_conversations
 from .oasst import oasst_conversations, oasst_preference_pairs
-from .readers import open_rows
+from .readers import loads_strict, open_rows
 from .schema import Conversation, PreferencePair, ROLES, validate_conversation
 
 FORMATS = ("helpsteer2", "oasst", "nemo_chat", "nemo_regression", "canonical")
@@ -90,9 +90,9 @@ def _canonical_conversations(rows, schema, where) -> tuple[list, dict]:
     for line, row in rows:
         if "turns" not in row and isinstance(row.get("turns_json"), str):  # labeled parquet (stage 2)
             try:
-                row = {**row, "turns": json.loads(row["turns_json"])}
-            except json.JSONDecodeError as e:
-                raise DataError(where, line, "turns_json", f"malformed JSON: {e.msg}") from None
+                row = {**row, "turns": loads_strict(row["turns_json"], where, line)}
+            except DataError as e:
+                raise DataError(where, line, "turns_json", e.message) from None
         conv = validate_conversation(row, schema, where=where, line=line)
         if conv["id"] in line_of:
             raise DataError(where, line, "id", f"duplicate id {conv['id']!r} (first on line {line_of[conv['id']]})")

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..attributes import SCHEMA_FILE, AttributeSchema
+from ..attributes import SCHEMA_FILE, AttributeSchema, SchemaMismatchError
 from .embedded import resolve_model_path
 
 HEAD_NAMES = ("score", "classifier")
@@ -135,6 +135,10 @@ def load_reward_model(path: str, schema: AttributeSchema, *, pad_token_id: int,
     if is_reward_checkpoint(local):
         check_checkpoint_schema(local, schema)
         hf = AutoModelForSequenceClassification.from_pretrained(local, **kwargs)
+        if hf.config.num_labels != len(schema):  # a head that does not match its own schema file: never reshaped
+            raise SchemaMismatchError(f"{path}: the RM's head has {hf.config.num_labels} outputs but its "
+                                      f"{SCHEMA_FILE} lists {len(schema)} attributes ({schema.name}); the directory "
+                                      f"was changed after training, retrain or restore it")
     else:
         if require_rm:
             raise FileNotFoundError(f"{path}: not a steerlm reward model (no {SCHEMA_FILE})")

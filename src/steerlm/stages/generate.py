@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from ..attributes import AttributeSchema
 from ..checkpoint import write_text_atomic
+from ..data.readers import loads_strict
 from ..errors import ConfigError, DataError
 from ..generation import Sampler, StopStrings, generate_continuous, unsupported
 from ..models.policy import load_for_generation, read_card
@@ -86,10 +87,10 @@ def normalize_prompt(prompt: Prompt, schema: AttributeSchema) -> tuple[Optional[
 
 def resolve_attributes(card: Mapping, schema: AttributeSchema,
                        overrides: Optional[Mapping[str, Optional[float]]] = None) -> dict[str, float]:
-    """The card's `default_attributes` with `overrides` on top (None = default), rounded to the scale's integers.
+    """The card's `default_attributes` with `overrides` on top (None = default); values are integer levels.
 
     Raises ConfigError (one line) for a name that is unknown or not steerable in this model, and for a
-    value that is not a number on the schema's scale.
+    value that is not an integer level on the schema's scale (a fractional one is refused, never rounded).
     """
     steerable = list(card["steerable_attributes"])
     out = {a: float(v) for a, v in card["default_attributes"].items()}
@@ -106,7 +107,10 @@ def resolve_attributes(card: Mapping, schema: AttributeSchema,
             v = schema.check_value(name, value)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        out[name] = float(round(v))
+        if v != int(v):  # the model was trained on the integer levels only: rounding would change what was asked
+            raise ConfigError(f"attribute {name!r}: value {value!r} is not a level of the scale; the model was "
+                              f"trained on the integer levels {schema.scale_min:g}..{schema.scale_max:g}")
+        out[name] = v
     return out
 
 
@@ -321,10 +325,7 @@ def read_prompts_file(path: str, schema: AttributeSchema) -> list[Prompt]:
         if p.suffix == ".txt":
             prompts.append(line)
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, n, None, f"not valid JSON ({e.msg})") from None
+        row = loads_strict(line, str(path), n)
         if not isinstance(row, dict):
             raise DataError(path, n, None, "a line must be a JSON object with 'prompt' or 'turns'")
         if "prompt" in row:

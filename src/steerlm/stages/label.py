@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -41,8 +40,9 @@ from typing import Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ..checkpoint import write_bytes_atomic, write_text_atomic
+from ..checkpoint import staged_file, write_bytes_atomic, write_text_atomic
 from ..data.sources import load_mixture, require_input_schemas
+from ..config_check import check_config
 from ..engines import torch_engine as te
 from ..logging import print0
 from .. import label_calibration as cal
@@ -51,6 +51,7 @@ from ..label_calibration import HUMAN
 from ..scoring import RewardScorer, ScoreStats
 
 MANIFEST = "manifest.json"
+OUTPUT_FORMATS = ("jsonl", "parquet")  # the output file is named labeled.<format>
 # per-chunk counts kept in its .done record, so the summary describes the whole output after a resume
 CHUNK_COUNTS = ("inputs", "scored", "skipped_over_length", "truncated_left", "from_cache", "tokens", "padded_tokens")
 
@@ -106,18 +107,15 @@ def run(cfg: DictConfig) -> dict:
 
 def _run(cfg: DictConfig, info: te.DistInfo) -> dict:
     t_start = time.time()
+    check_config(cfg)  # the recipes check at load time; Python callers of run() get the same checks here
     out_dir = Path(cfg.output_dir)
     output = out_dir / f"labeled.{cfg.output_format}"
     parts = out_dir / "parts"
     complete = (out_dir / MANIFEST).exists() and output.exists()
     if complete and not cfg.overwrite:
         raise FileExistsError(f"{output} is complete; pass overwrite=true to label again")
-    te.barrier()  # every rank has looked before rank 0 deletes (else ranks disagree on `complete` and deadlock)
-    if complete and info.is_main:
-        for p in (output, out_dir / MANIFEST):
-            p.unlink()
-        shutil.rmtree(parts, ignore_errors=True)
-    te.barrier()
+    # overwrite=true deletes nothing here: the RM and the input are checked first, and the complete output is
+    # replaced only once the new one is whole (finalize), so a failed run leaves it exactly as it was
     scorer = RewardScorer(cfg.rm, device=str(info.device), precision=cfg.engine.precision,
                           batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, over_length=cfg.over_length,
                           tensor_parallel=getattr(info, "tp", None), pipeline_parallel=getattr(info, "pp", 1),
@@ -216,7 +214,7 @@ def chunk_done(parts: Path, c: int, fingerprint: str) -> bool:
 def commit_chunk(parts: Path, c: int, rows: list[dict], fingerprint: str, stats: Optional[ScoreStats] = None) -> None:
     data, done = _chunk_paths(parts, c)
     blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-    write_bytes_atomic(data, blob)
+    write_bytes_atomic(data, blob, f"labeled chunk {c}")
     counts = {k: getattr(stats, k) for k in CHUNK_COUNTS} if stats is not None else {}
     write_text_atomic(done, json.dumps({"fingerprint": fingerprint, "rows": len(rows),
                                         "sha256": hashlib.sha256(blob).hexdigest(), "counts": counts}))
@@ -225,6 +223,8 @@ def commit_chunk(parts: Path, c: int, rows: list[dict], fingerprint: str, stats:
 def write_rows(path: Path, rows: list[dict], output_format: str) -> None:
     """Labeled rows -> `path` as JSONL, or parquet with the turns as a JSON string column (label dicts have per-row
     keys)."""
+    if output_format not in OUTPUT_FORMATS:  # config_check refuses others; the Python API lands here
+        raise ConfigError(f"output_format={output_format!r}: expected one of {' | '.join(OUTPUT_FORMATS)}")
     if output_format == "jsonl":
         write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
         return
@@ -242,21 +242,24 @@ def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_st
     missing = [c for c in range(n_chunks) if not chunk_done(parts, c, fingerprint)]
     if missing:
         raise RuntimeError(f"chunks {missing[:10]} are not committed; rerun the same command to finish them")
-    tmp = output.with_name(output.name + ".tmp")
     target = cfg.calibration.target
     target = OmegaConf.to_container(target, resolve=True) if OmegaConf.is_config(target) else target
     calib = cal.targets(str(cfg.calibration.method), written_attributes(cfg, scorer), target, scorer.card,
                         scorer.schema.levels())
     calibration = {}
-    if cfg.output_format == "jsonl" and not calib:  # the committed chunks are the output: concatenate their bytes
-        with open(tmp, "wb") as f:
-            for c in range(n_chunks):
-                f.write(_chunk_paths(parts, c)[0].read_bytes())
-    else:  # calibration needs every score of the dataset at once, parquet every row
-        rows = [json.loads(line) for c in range(n_chunks) for line in _chunk_paths(parts, c)[0].read_bytes().splitlines()]
-        calibration = cal.calibrate(rows, calib, scorer.schema.levels(), scorer.schema.format_label)
-        write_rows(tmp, rows, cfg.output_format)
-    os.replace(tmp, output)
+    # the earlier complete output (overwrite=true) stops counting as complete before it is replaced: a run cut off
+    # from here on leaves no manifest, and the same command finishes it from the committed parts
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    with staged_file(output, "the labeled output") as tmp:
+        if cfg.output_format == "jsonl" and not calib:  # the committed chunks are the output: concatenate their bytes
+            with open(tmp, "wb") as f:
+                for c in range(n_chunks):
+                    f.write(_chunk_paths(parts, c)[0].read_bytes())
+        else:  # calibration needs every score of the dataset at once, parquet every row
+            rows = [json.loads(line) for c in range(n_chunks)
+                    for line in _chunk_paths(parts, c)[0].read_bytes().splitlines()]
+            calibration = cal.calibrate(rows, calib, scorer.schema.levels(), scorer.schema.format_label)
+            write_rows(tmp, rows, cfg.output_format)
     scorer.schema.save(out_dir)
     digest = hashlib.sha256(output.read_bytes()).hexdigest()
     records = [json.loads(_chunk_paths(parts, c)[1].read_text()) for c in range(n_chunks)]
@@ -277,7 +280,7 @@ def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_st
                "rm": str(cfg.rm), "trained_attributes": scorer.trained_attributes,
                "written_attributes": written_attributes(cfg, scorer),
                "calibration": {"method": str(cfg.calibration.method), "attributes": calibration}, "load": load_stats}
-    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n", "the run summary")
     write_text_atomic(out_dir / MANIFEST, json.dumps({"output": output.name, "sha256": digest,
                                                       "fingerprint": fingerprint, "rows": summary["rows"]}) + "\n")
     shutil.rmtree(parts, ignore_errors=True)

@@ -46,10 +46,8 @@ def start_background(cfg: DictConfig):
     """Serve on a thread (tests, notebooks): -> (base url, engine, stop()). Port 0 picks a free port."""
     import uvicorn
 
+    sock = bind(str(cfg.host), int(cfg.port))
     app, engine = build(cfg)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((str(cfg.host), int(cfg.port)))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -68,14 +66,32 @@ def start_background(cfg: DictConfig):
     return f"http://{host}:{port}", engine, stop
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket; a port in use is a one-line ConfigError (checked before the model loads)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"port={port}: cannot listen on {host}:{port} ({e.strerror}); stop the other server "
+                          f"or pick another port") from None
+    return sock
+
+
 def run(cfg: DictConfig) -> None:
     import uvicorn
 
-    app, engine = build(cfg)
-    if str(cfg.host) not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_key or os.environ.get("STEERLM_API_KEY")):
-        print0(f"warning: serving on {cfg.host} without an API key (set api_key=... or STEERLM_API_KEY)")
-    print0(f"serving {cfg.policy} as {cfg.model_id or cfg.policy} on http://{cfg.host}:{cfg.port}/v1 (Ctrl-C stops)")
+    sock = bind(str(cfg.host), int(cfg.port))
     try:
-        uvicorn.run(app, host=str(cfg.host), port=int(cfg.port), log_level="info")
+        app, engine = build(cfg)
+        if str(cfg.host) not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_key or os.environ.get("STEERLM_API_KEY")):
+            print0(f"warning: serving on {cfg.host} without an API key (set api_key=... or STEERLM_API_KEY)")
+        print0(f"serving {cfg.policy} as {cfg.model_id or cfg.policy} on http://{cfg.host}:{cfg.port}/v1 (Ctrl-C stops)")
+        try:
+            uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        sock.close()

@@ -64,11 +64,19 @@ def dropout_labels(turns: Sequence[dict], p: float, seed: int, epoch: int, conv_
     return out
 
 
+def require_level(value: float, where: str, conv_id: str, k: int, attribute: str) -> None:
+    """AC-SFT conditions on integer levels (the label string): a fractional label is refused, never rounded."""
+    if value != int(value):
+        raise DataError(where, None, f"conversation {conv_id} turns[{k}].labels.{attribute}",
+                        f"{value:g} is not an integer level; SFT trains on the label string's levels, so round "
+                        f"these labels in the data (or relabel with recipes/label.py)")
+
+
 def encode_examples(conversations: Sequence[dict], fmt: SFTFormat, tokenizer, schema: AttributeSchema, *,
                     max_length: int, over_length: str, where: str) -> tuple[list[dict], EncodeReport]:
     """Validate and encode with full label strings (the longest form); return kept examples + counts."""
     if over_length not in OVER_LENGTH:
-        raise ValueError(f"unknown over_length {over_length!r} for SFT; choose one of {OVER_LENGTH} (never truncated)")
+        raise ConfigError(f"over_length={over_length!r}: SFT takes one of {OVER_LENGTH} (never truncated)")
     rep = EncodeReport(attribute_counts={a: 0 for a in schema.attributes})
     examples = []
     for conv in conversations:
@@ -88,8 +96,9 @@ def encode_examples(conversations: Sequence[dict], fmt: SFTFormat, tokenizer, sc
         if not any(mask):
             rep.skipped_no_trained_tokens += 1
             continue
-        for t in turns:
-            for a in (t.get("labels") or {}):
+        for k, t in enumerate(turns):
+            for a, v in (t.get("labels") or {}).items():
+                require_level(v, where, conv["id"], k, a)
                 rep.attribute_counts[a] += 1
         rep.kept += 1
         rep.tokens += len(ids)

@@ -23,6 +23,7 @@ import torch
 
 from ..attributes import AttributeSchema
 from ..data.packing import collate_padded
+from ..data.readers import loads_strict
 from ..errors import DataError
 from ..scoring import RewardScorer, ScoreStats
 from ..sft_template import SFTFormat, encode_conversation
@@ -139,10 +140,9 @@ def read_groups(path: str | Path, schema: AttributeSchema) -> list[dict]:
             if not line.strip():
                 continue
             err = lambda field, msg: DataError(str(path), line_no, field, msg)
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise err(None, f"not JSON ({e.msg})") from None
+            row = loads_strict(line, str(path), line_no)
+            if not isinstance(row, dict):
+                raise err(None, "expected a JSON object")
             turns = []
             for k, t in enumerate(row.get("prompt_turns") or []):
                 if not isinstance(t, dict) or t.get("from") not in NEMO_TO_ROLE or not isinstance(t.get("value"), str):
