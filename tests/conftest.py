@@ -81,3 +81,26 @@ def tiny_sft_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[str]
     return [f"model.path={model_dir}", f"run_dir={run_dir}", f"data.train=[{{format: helpsteer2, path: {HS2_SAMPLE}}}]",
             "engine.precision=fp32", "max_length=2048", "pack_length=null", "train.max_steps=3", "train.global_batch_size=8",
             "train.save_every=0", "model.lora.save_merged=false", *extra]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The `steerlm: error:` lines of a run's stderr (a user mistake prints exactly one, last)."""
+    return [line for line in stderr.splitlines() if line.startswith("steerlm: error:")]
+
+
+def assert_one_error(returncode: int, stderr: str, *fragments: str) -> str:
+    """Exit code 2, no traceback, exactly one `steerlm: error:` line, holding every fragment. -> that line."""
+    lines = error_lines(stderr)
+    assert returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr and len(lines) == 1, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == lines[0], stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every output file under `directory` (relative path -> bytes): 'nothing finished was lost' compares two.
+    Hydra's own record of each invocation (`.hydra/`, `<job>.log`) is rewritten by every run and left out."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and ".hydra" not in p.relative_to(directory).parts and p.suffix != ".log"}

@@ -75,10 +75,10 @@ def user_message(exc: BaseException) -> Optional[str]:
 
 def one_line(text: str, cause: Optional[BaseException] = None) -> str:
     """Multi-line library messages -> one line (OmegaConf's `full_key:`/`object_type=` lines are dropped)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.split("Config search path:")[0].splitlines() if ln.strip()]
     if cause is not None and str(cause).strip():
         lines.append(str(cause).strip().splitlines()[0])
-    keep = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type="))]
+    keep = [ln.rstrip(":;") for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type="))]
     return "; ".join(dict.fromkeys(keep))  # the cause often repeats the message
 
 
