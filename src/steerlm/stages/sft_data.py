@@ -82,6 +82,9 @@ def encode_examples(conversations: Sequence[dict], fmt: SFTFormat, tokenizer, sc
     for conv in conversations:
         rep.conversations += 1
         turns = drop_trailing_user_turns(conv["turns"])
+        for k, t in enumerate(turns):
+            for a, v in (t.get("labels") or {}).items():
+                require_level(v, where, conv["id"], k, a)
         rep.trailing_user_turns_dropped += len(conv["turns"]) - len(turns)
         if not turns:
             rep.skipped_no_trained_tokens += 1
@@ -96,9 +99,8 @@ def encode_examples(conversations: Sequence[dict], fmt: SFTFormat, tokenizer, sc
         if not any(mask):
             rep.skipped_no_trained_tokens += 1
             continue
-        for k, t in enumerate(turns):
-            for a, v in (t.get("labels") or {}).items():
-                require_level(v, where, conv["id"], k, a)
+        for t in turns:
+            for a in (t.get("labels") or {}):
                 rep.attribute_counts[a] += 1
         rep.kept += 1
         rep.tokens += len(ids)
