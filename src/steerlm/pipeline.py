@@ -38,11 +38,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from .checkpoint import write_text_atomic
 from .engines import torch_engine as te
 from .errors import ConfigError
+from .locks import LOCK
 from .logging import print0
 
 RECORD = "steerlm_stage.json"
 # Produced by a stage but not its result: training state, label's uncommitted parts, reward's feature cache.
-NOT_OUTPUTS = {"checkpoints", "parts", "cache", ".hydra", "wandb", RECORD}
+NOT_OUTPUTS = {"checkpoints", "parts", "cache", ".hydra", "wandb", RECORD, LOCK}
 # Keys that change how a stage runs, never what it writes: a change does not re-run the stage.
 VOLATILE = ("resume", "overwrite", "logging", "train.log_every", "train.save_every", "train.keep_checkpoints",
             "save_every", "keep_checkpoints",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -247,19 +248,21 @@ def finalize(out_dir, output, parts, n_chunks, fingerprint, cfg, scorer, load_st
     calib = cal.targets(str(cfg.calibration.method), written_attributes(cfg, scorer), target, scorer.card,
                         scorer.schema.levels())
     calibration = {}
-    # the earlier complete output (overwrite=true) stops counting as complete before it is replaced: a run cut off
-    # from here on leaves no manifest, and the same command finishes it from the committed parts
-    (out_dir / MANIFEST).unlink(missing_ok=True)
     with staged_file(output, "the labeled output") as tmp:
         if cfg.output_format == "jsonl" and not calib:  # the committed chunks are the output: concatenate their bytes
             with open(tmp, "wb") as f:
                 for c in range(n_chunks):
                     f.write(_chunk_paths(parts, c)[0].read_bytes())
+                f.flush()
+                os.fsync(f.fileno())
         else:  # calibration needs every score of the dataset at once, parquet every row
             rows = [json.loads(line) for c in range(n_chunks)
                     for line in _chunk_paths(parts, c)[0].read_bytes().splitlines()]
             calibration = cal.calibrate(rows, calib, scorer.schema.levels(), scorer.schema.format_label)
             write_rows(tmp, rows, cfg.output_format)
+        # the new output is whole: only now does an earlier complete one (overwrite=true) stop counting as complete.
+        # A run cut off from here on leaves no manifest, and the same command finishes it from the committed parts
+        (out_dir / MANIFEST).unlink(missing_ok=True)
     scorer.schema.save(out_dir)
     digest = hashlib.sha256(output.read_bytes()).hexdigest()
     records = [json.loads(_chunk_paths(parts, c)[1].read_text()) for c in range(n_chunks)]
