@@ -9,8 +9,10 @@ bytes of an uninterrupted run; a pipeline stage that fails puts its earlier outp
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,8 +53,6 @@ def complete(rm, tmp_path_factory) -> Path:
 
 
 def copy_of(complete: Path, tmp_path: Path) -> tuple[Path, dict]:
-    import shutil
-
     out = tmp_path / "label"
     shutil.copytree(complete, out)
     return out, finished(out)
@@ -111,7 +111,6 @@ def test_kill_9_during_overwrite_keeps_the_complete_output_then_the_rerun_replac
     run_recipe("label", *cmd[2:])
     new = (out / "labeled.jsonl").read_bytes()
     assert new != before["labeled.jsonl"]
-    import hashlib
     assert json.loads((out / "manifest.json").read_text())["sha256"] == hashlib.sha256(new).hexdigest()
     assert not list(out.rglob("*.tmp")) and not (out / "parts").exists()
 
