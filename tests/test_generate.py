@@ -75,7 +75,9 @@ def test_defaults_come_from_the_card_and_overrides_change_the_prompt(model, sft_
     assert model.steerable == HS2_ATTRS == card["steerable_attributes"]
     assert model.resolve_attributes() == card["default_attributes"] == model.resolve_attributes({"verbosity": None})
     assert model.resolve_attributes({"verbosity": 0, "humor": None}) == {**card["default_attributes"], "verbosity": 0.0}
-    assert model.resolve_attributes({"complexity": 3.4})["complexity"] == 3.0  # rounded, as training labels
+    with pytest.raises(ConfigError, match="value 3.4 is not a level of the scale"):  # refused, never rounded
+        model.resolve_attributes({"complexity": 3.4})
+    assert model.resolve_attributes({"complexity": 3.0})["complexity"] == 3.0
 
     low, high = decoded_prompt(model, "What is DNS?", {"verbosity": 0}), decoded_prompt(model, "What is DNS?", {"verbosity": 4})
     assert low.endswith("<extra_id_2>helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:0\n")
