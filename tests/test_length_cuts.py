@@ -50,3 +50,21 @@ def test_relabel_false_keeps_the_originals_labels():
     convs = [conv(i, n, label=3.0) for i, n in enumerate([2, 4, 8, 16, 32])]
     out, _ = length_cut_copies(convs, "verbosity", LEVELS, copies=1, relabel=False, seed=0)
     assert all(c["turns"][-1]["labels"]["verbosity"] == 3.0 for c in out if "#cut" not in c["id"])
+
+
+def test_levels_come_from_answers_that_fit_and_long_answers_give_copies_that_fit():
+    # answers of 1..20 sentences; the trainer takes at most 10 sentences (fits), so the top level must be
+    # trained from answers that fit and from cut copies of the long ones
+    convs = [conv(i, n) for i, n in enumerate(range(1, 21))]
+    n_sent = lambda c: c["turns"][-1]["content"].count(".")
+    fits = lambda c: n_sent(c) <= 10
+    out, stats = length_cut_copies(convs, "verbosity", LEVELS, copies=1, relabel=True, seed=0, fits=fits)
+    assert stats["answers_that_fit"] == 10 and stats["long_answers_cut_to_fit"] == 10
+    trainable = [c for c in out if fits(c)]
+    levels = {c["turns"][-1]["labels"]["verbosity"] for c in trainable}
+    assert levels == set(LEVELS)  # every level, the top one included, has answers the trainer keeps
+    top = [c for c in trainable if c["turns"][-1]["labels"]["verbosity"] == 4]
+    assert len(top) >= 2 and all(n_sent(c) >= 9 for c in top)
+    # without `fits` the bins spread over all 20 lengths: answers that fit never reach the top level
+    out_all, _ = length_cut_copies(convs, "verbosity", LEVELS, copies=1, relabel=True, seed=0)
+    assert not any(fits(c) and c["turns"][-1]["labels"]["verbosity"] == 4 for c in out_all)

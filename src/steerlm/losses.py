@@ -39,6 +39,16 @@ def masked_mse(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> 
     return sq.sum(dim=1) / n
 
 
+def order_hinge(s_high: torch.Tensor, s_low: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per-pair ordering loss on one head: max(0, m − (s_high − s_low)), (B,).
+
+    A hinge, not BT: once a pair is ordered by the margin it stops pulling, so the head's scale stays the
+    one the regression labels set (BT's −log σ(Δ) keeps growing Δ and stretched the verbosity head to ±15
+    on the bundled data, docs/steerability.md).
+    """
+    return torch.relu(margin - (s_high.float() - s_low.float()))
+
+
 def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, strength: torch.Tensor,
                   variant: str = "bt") -> torch.Tensor:
     """Per-pair Bradley-Terry losses on scalar rewards r (B,) with preference strength m >= 0 (B,).

@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import random
 import re
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -46,30 +46,42 @@ def level_of(n_words: int, bins: Sequence[float], levels: Sequence[int]) -> int:
 
 
 def length_cut_copies(conversations: Sequence[dict], attribute: str, levels: Sequence[int], *, copies: int = 1,
-                      relabel: bool = True, min_words: int = 3, seed: int = 0) -> tuple[list[dict], dict]:
+                      relabel: bool = True, min_words: int = 3, seed: int = 0,
+                      fits: Optional[Callable[[dict], bool]] = None) -> tuple[list[dict], dict]:
     """conversations (canonical: id, system, turns) -> (the originals, relabeled if asked, + cut copies, stats).
 
     Only conversations that end in an assistant turn take part. Each gets up to `copies` copies, each cut
     at a different boundary whose prefix has >= min_words words and a lower level than the whole answer.
+
+    fits(conv) says whether a conversation fits the trainer's max_length. The levels are the quantiles of
+    the answers that fit (those that do not are skipped by the trainer: bins over all answers left the top
+    level with almost no training answers). A whole answer that does not fit still gives copies: cuts that
+    fit, at any level, so the long end of the scale is trained at all.
     """
+    fits = fits or (lambda conv: True)
     ends = [c for c in conversations if c["turns"] and c["turns"][-1]["role"] == "assistant"]
-    bins = length_bins([words(c["turns"][-1]["content"]) for c in ends], levels) if ends else []
+    fit = {id(c): fits(c) for c in ends}
+    bins = length_bins([words(c["turns"][-1]["content"]) for c in ends if fit[id(c)]], levels) if ends else []
     rng = random.Random(f"length_cuts/{seed}")
-    out, made, relabeled = [], 0, 0
+    out, made, relabeled, from_long = [], 0, 0, 0
     per_level = {int(v): 0 for v in levels}
     for conv in conversations:
         last = conv["turns"][-1] if conv["turns"] else None
         if last is None or last["role"] != "assistant":
             out.append(conv)
             continue
-        text = last["content"]
+        text, whole_fits = last["content"], fit[id(conv)]
         whole = level_of(words(text), bins, levels)
         if relabel:
             conv = with_last(conv, text, attribute, whole)
             relabeled += 1
         out.append(conv)
-        options = [e for e in cut_points(text)
-                   if words(text[:e]) >= min_words and level_of(words(text[:e]), bins, levels) < whole]
+        options = [e for e in cut_points(text) if words(text[:e]) >= min_words]
+        if whole_fits:
+            options = [e for e in options if level_of(words(text[:e]), bins, levels) < whole]
+        else:
+            options = [e for e in options if fits(with_last(conv, text[:e].rstrip(), attribute, whole))]
+            from_long += bool(options)
         for e in sorted(rng.sample(options, min(copies, len(options)))):
             short = text[:e].rstrip()
             level = level_of(words(short), bins, levels)
@@ -77,6 +89,7 @@ def length_cut_copies(conversations: Sequence[dict], attribute: str, levels: Seq
             per_level[level] += 1
             made += 1
     stats = {"attribute": attribute, "copies": made, "relabeled": relabeled, "copies_per_level": per_level,
+             "long_answers_cut_to_fit": from_long, "answers_that_fit": sum(fit.values()),
              "word_bins": [round(b, 1) for b in bins]}
     return out, stats
 

@@ -45,6 +45,7 @@ from ..data.sources import load_mixture, load_preference_pairs
 from ..data.split import split_by_group
 from ..engines import torch_engine as te
 from ..errors import ConfigError, DataError
+from ..length_order import LengthOrder
 from ..logging import MetricLogger, print0
 from ..losses import PAIR_LOSSES, bradley_terry, masked_mse, scalarize
 from ..metrics import beats_baseline, format_table, pairwise_accuracy, regression_metrics
@@ -66,12 +67,15 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     pair_objective = cfg.loss.type in PAIR_LOSSES
     if cfg.loss.type != "mse" and not pair_objective:
         raise ConfigError(f"unknown loss.type {cfg.loss.type!r}; choose mse or one of {PAIR_LOSSES}")
+    if pair_objective and (cfg.loss.get("length_order") or {}).get("attribute"):
+        raise ConfigError(f"loss.length_order adds to loss.type=mse, not {cfg.loss.type}")
     if cfg.model.freeze_backbone and strategy == "fsdp2":
         raise ConfigError("model.freeze_backbone trains only the head: use engine.strategy=single or ddp")
 
     check_checkpoint_schema(cfg.model.path, schema)  # fail before minutes of data work
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.pad_token)
     data = setup_data(cfg, schema, tokenizer, pair_objective)
+    order = LengthOrder(cfg.loss.get("length_order"), schema, data["train"], data["val"], cfg.seed)
     rm = load_reward_model(cfg.model.path, schema, pad_token_id=tokenizer.pad_token_id,
                            dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation)
     # gradient checkpointing saves activation memory only where gradients flow through the backbone
@@ -119,6 +123,8 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     bar = tqdm(total=total_steps, initial=step, desc="reward", disable=not info.is_main, dynamic_ncols=True)
     t_train, tokens_seen = time.time(), 0
     pipelined = getattr(model, "pipelined", False) and not frozen  # frozen: the head trains on cached features
+    if order and pipelined:
+        raise ConfigError("loss.length_order: not with pipeline parallelism (pp > 1)")
     while step < total_steps:
         batches = global_batches(lengths, G, seed=cfg.seed, epoch=epoch, group_by_length=cfg.train.group_by_length)
         for b in range(start_batch, len(batches)):
@@ -127,7 +133,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
             local = rank_slice(gb, info.rank, world) if sharded else gb
             n_micro = math.ceil(math.ceil(len(gb) / world) / mbs)
             chunks = micro_batches(local, mbs)
-            loss_sum, tokens = 0.0, 0
+            loss_sum, tokens, order_loss = 0.0, 0, None
             model.train()
             # every rank runs the same number of micro-batches (collectives must match);
             # a rank whose share ran out repeats a sample with weight 0
@@ -145,7 +151,13 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                     with te.grad_sync_context(model, strategy if sharded else "single", sync=j == n_micro - 1):
                         with te.autocast(info.device, amp_dtype):
                             per_item, n_tok = item_losses(forward, [train_items[i] for i in idx], cfg, pair_w)
-                        (per_item.sum() * (weight * world / len(gb))).backward()
+                            loss = per_item.sum() * (weight * world / len(gb))
+                            if order and j == n_micro - 1:  # + λ · mean hinge over the step's pairs (this rank's share)
+                                pairs = order.step_pairs(step)
+                                term = order.loss(forward, pairs[info.rank::world]) if sharded else order.loss(forward, pairs)
+                                loss = loss + term * (world / len(pairs))
+                                order_loss = float(term.detach()) / len(pairs)
+                        loss.backward()
                     loss_sum += float(per_item.detach().sum()) * weight
                     tokens += n_tok if weight else 0
             grad_norm = te.clip_grad_norm(model, cfg.optim.max_grad_norm)
@@ -159,7 +171,8 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
             if step % cfg.train.log_every == 0 or step == total_steps:
                 logger.log({"train/loss": loss_total / len(gb), "train/lr": scheduler.get_last_lr()[0],
                             "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_total / dt,
-                            "train/peak_mem_mb": te.peak_memory_mb(info.device), "train/epoch": epoch}, step,
+                            "train/peak_mem_mb": te.peak_memory_mb(info.device), "train/epoch": epoch,
+                            **({"train/length_order_loss": order_loss} if order_loss is not None else {})}, step,
                            echo=not frozen)
             bar.update(1)
             if cfg.train.save_every > 0 and step % cfg.train.save_every == 0 and step < total_steps:
@@ -167,7 +180,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                            n_batches=len(batches), info=info, keep_last=cfg.train.keep_checkpoints,
                            trainable_only=cfg.model.freeze_backbone)
             if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps:
-                logger.log(flatten_eval(evaluate(forward, data, schema, cfg)), step)
+                logger.log(flatten_eval(evaluate(forward, data, schema, cfg, order)), step)
                 te.reshard(model)  # FSDP2: drop the unsharded copy the eval forward left behind
             if step >= total_steps:
                 break
@@ -176,7 +189,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     train_time = time.time() - t_train
 
     # ===== Evaluation and export ==============================================================
-    results = evaluate(forward, data, schema, cfg)
+    results = evaluate(forward, data, schema, cfg, order)
     logger.log(flatten_eval(results), step, echo=False)
     model_state = te.full_model_state(model)
     summary = {
@@ -204,6 +217,8 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         for name, acc in results["pairwise_accuracy"].items():
             print0(f"pairwise accuracy [{name}]: {acc['accuracy']} over {acc['pairs']} pairs")
         print0(f"beats the train-mean baseline on: {results['beats_baseline'] or 'none'}")
+        if "length_order" in results:
+            print0(f"length order [{order.attribute}]: {json.dumps(results['length_order'])}")
         print0(f"model written to {run_dir / 'model'} ({summary['wall_time_s']} s, peak {summary['peak_mem_mb']} MB)")
     logger.close()
     return {"summary": summary, "eval": results}
@@ -288,7 +303,7 @@ def pipelined_losses(model, chunks: list[list[dict]], scales: list[float], cfg: 
 
 
 @torch.no_grad()
-def evaluate(forward: "RewardForward", data: dict, schema, cfg: DictConfig) -> dict:
+def evaluate(forward: "RewardForward", data: dict, schema, cfg: DictConfig, order: LengthOrder = None) -> dict:
     """Held-out regression metrics and pairwise accuracy (all ranks take part; results identical)."""
     val = data["val"]
     results = {"attributes": {}, "pairwise_accuracy": {}, "beats_baseline": []}
@@ -299,6 +314,8 @@ def evaluate(forward: "RewardForward", data: dict, schema, cfg: DictConfig) -> d
         results["attributes"] = regression_metrics(pred, labels, labels != schema.missing, schema.attributes,
                                                    data["train_means"])
         results["beats_baseline"] = beats_baseline(results["attributes"])
+        if order:
+            results["length_order"] = order.metrics(pred)
         pairs = rd.same_context_pairs(val, w, schema.missing)
         if pairs:
             r = pred @ np.array(w)
@@ -319,4 +336,7 @@ def flatten_eval(results: dict) -> dict:
         out[f"validation/{a}/baseline_mse"] = m["baseline_mse"]
     for name, acc in results["pairwise_accuracy"].items():
         out[f"validation/pair_acc/{name}"] = acc["accuracy"]
+    for name in ("val_pair_accuracy", "val_spearman_words"):
+        if results.get("length_order", {}).get(name) is not None:
+            out[f"validation/length_order/{name}"] = results["length_order"][name]
     return out

@@ -56,7 +56,8 @@ def tokenize_rated(conversations: Sequence[dict], schema: AttributeSchema, token
             continue
         check_pad_token(ids, tokenizer.pad_token_id, f"{s['source']} sample {s['id']}")
         out.append({"id": s["id"], "group": s["group"], "source": s["source"], "input_ids": ids,
-                    "labels": schema.to_vector(s["labels"]), "context": _context_key(s)})
+                    "labels": schema.to_vector(s["labels"]), "context": _context_key(s),
+                    "words": len(s["turns"][-1]["content"].split())})
         report.kept += 1
         report.tokens += len(ids)
     return out, report

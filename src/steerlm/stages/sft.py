@@ -53,7 +53,7 @@ from ..losses import contrast_loss, next_token_nll, nll_and_sequence_log_probs
 from ..models import packed_attention
 from ..models.policy import apply_lora, load_causal_lm, make_card, save_policy
 from ..models.reward_model import load_tokenizer
-from ..sft_template import SFTFormat
+from ..sft_template import SFTFormat, encode_conversation
 from .training import maybe_resume, prepare_run, run_distributed, save_state
 from . import sft_data as sd
 
@@ -377,8 +377,13 @@ def setup_data(cfg: DictConfig, schema, tokenizer, fmt: SFTFormat) -> dict:
     if cuts.get("attribute"):  # training split only: validation and the conditioning probe keep the data as it is
         if cuts.attribute not in schema:
             raise ConfigError(f"length_cuts.attribute={cuts.attribute!r} is not in schema {schema.name!r}")
+        def fits(conv: dict) -> bool:  # the trainer's own test: encoded with its full label string
+            turns = sd.drop_trailing_user_turns(conv["turns"])
+            return len(encode_conversation(fmt, tokenizer, schema, conv["system"], turns)[0]) <= cfg.max_length
+
         train_conv, cut_stats = length_cut_copies(train_conv, cuts.attribute, [int(v) for v in schema.levels()],
-                                                  copies=int(cuts.copies), relabel=bool(cuts.relabel), seed=cfg.seed)
+                                                  copies=int(cuts.copies), relabel=bool(cuts.relabel), seed=cfg.seed,
+                                                  fits=fits)
         print0(f"length_cuts: {json.dumps(cut_stats)}")
     kw = dict(max_length=cfg.max_length, over_length=cfg.over_length, where=where)
     train, rep_train = sd.encode_examples(train_conv, fmt, tokenizer, schema, **kw)
