@@ -395,7 +395,7 @@ def generate_continuous(model, prompts: Sequence[list[int]], *, max_new_tokens: 
             return [list(outs[at[r]]) for r in rep]
     requests = [Request(list(p), max_new_tokens, sampler, key=i, stop=stop, steering=spec_of(i),
                         on_done=on_done and (lambda _r, i=i: on_done(i))) for i, p in enumerate(prompts)]
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), [t for t in prompts[i]], i))
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), list(prompts[i]), i))
     with DecodeLoop(model, eos_ids=eos_ids, pad_id=pad_id, max_rows=min(int(max_rows), len(prompts)),
                     columns=max(map(len, prompts)) + max_new_tokens, prefill_tokens=prefill_tokens) as loop:
         for i in order:

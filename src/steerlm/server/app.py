@@ -133,7 +133,7 @@ class Gate:
 class TextStream:
     """Incremental detokenization for streaming (vLLM's prefix / read offsets): a token decodes the few tokens
     since the last emitted text, not the whole answer. End-of-turn ids are not text; pad ids are held until a
-    real token follows them (`_cut` drops trailing pads)."""
+    real token follows them (`finish_text` drops trailing pads)."""
 
     def __init__(self, tokenizer, eos_ids, pad_id: Optional[int]):
         self.tokenizer, self.eos, self.pad = tokenizer, set(eos_ids), pad_id
@@ -282,7 +282,7 @@ def create_app(policy, engine: Engine, *, model_id: str, vectors=None, default_l
             if ev.finish_reason == "error":
                 raise ApiError(500, "generation failed (see the server log)", type_="server_error")
             left -= ev.finish_reason is not None
-        cuts = [policy._cut(r.out, job.stop) for r in rows]
+        cuts = [policy.finish_text(r.out, job.stop) for r in rows]
         completion = sum(c["tokens"] for c in cuts)
         return ChatCompletion(**head, attributes=job.attributes,
                               choices=[Choice(index=k, message=AssistantMessage(content=c["text"]),
@@ -321,7 +321,7 @@ def create_app(policy, engine: Engine, *, model_id: str, vectors=None, default_l
                         sent[k] = text
                     continue
                 left -= 1
-                cut = policy._cut(rows[k].out, job.stop)
+                cut = policy.finish_text(rows[k].out, job.stop)
                 completion += cut["tokens"]
                 if not cut["text"].startswith(sent[k]):  # a bug: the streamed text must be a prefix of the answer
                     log.error("stream %s choice %d: sent %r is not a prefix of %r", head["id"], k, sent[k], cut["text"])

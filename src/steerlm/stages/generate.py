@@ -221,7 +221,7 @@ class SteerableModel:
                     sampler=sampler, max_rows=self.live_rows(ids, max_new_tokens, batch_size), steering=steering,
                     stop=StopStrings(self.tokenizer, self.hf_stop_strings) if self.hf_stop_strings else None,
                     on_done=lambda _i: bar.update(1))
-                results = [{**self._cut(n), "attributes": a} for n, a in zip(new, resolved)]
+                results = [{**self.finish_text(n), "attributes": a} for n, a in zip(new, resolved)]
             else:
                 results = self._generate_hf(ids, resolved, max_new_tokens, do_sample, temperature, top_p, top_k, seed,
                                             batch_size, steering, bar)
@@ -270,9 +270,9 @@ class SteerableModel:
         with steer(self.model, specs, batch_size=len(seqs), prompt_lengths=[width] * len(seqs)):
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       eos_token_id=self.eos_ids, pad_token_id=pad, **stops, **sampling)
-        return [self._cut(row.tolist()) for row in out[:, width:].cpu()]
+        return [self.finish_text(row.tolist()) for row in out[:, width:].cpu()]
 
-    def _cut(self, new_ids: list[int], stops: Sequence[str] = ()) -> dict:
+    def finish_text(self, new_ids: list[int], stops: Sequence[str] = ()) -> dict:
         """Generated ids (finished rows are padded on the right) -> text up to the first eos / stop string
         (the card's, plus `stops`: a server request's own)."""
         stop_strings = [*self.stop_strings, *stops]
