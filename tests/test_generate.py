@@ -157,13 +157,13 @@ def test_nemo_output_is_cut_at_turn_start_eos_and_padding(sft_dir, tmp_path):
     enc = lambda s: m.tokenizer(s, add_special_tokens=False)["input_ids"]
     pad, eos = m.tokenizer.pad_token_id, m.tokenizer.eos_token_id
     reply = enc("Blue is a color")
-    cut = m._cut(reply + enc("\n<extra_id_1>User\nok") + [pad] * 3)
+    cut = m.finish_text(reply + enc("\n<extra_id_1>User\nok") + [pad] * 3)
     ids = cut.pop("ids")  # the sampled ids end with the stop string: what a PPO update trains on
     assert cut == {"text": "Blue is a color", "tokens": len(enc("Blue is a color\n")), "stopped": True}
     assert m.tokenizer.decode(ids).endswith("<extra_id_1>") and ids[:len(reply)] == reply
-    assert m._cut(reply + [eos] + [pad] * 2) == {"text": "Blue is a color", "tokens": len(reply), "stopped": True,
+    assert m.finish_text(reply + [eos] + [pad] * 2) == {"text": "Blue is a color", "tokens": len(reply), "stopped": True,
                                                  "ids": reply + [eos]}
-    assert m._cut(reply) == {"text": "Blue is a color", "tokens": len(reply), "stopped": False, "ids": reply}
+    assert m.finish_text(reply) == {"text": "Blue is a color", "tokens": len(reply), "stopped": False, "ids": reply}
 
 
 # ===== prompt files and the CLI ==================================================================
