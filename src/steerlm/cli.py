@@ -22,7 +22,7 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from .config_check import check_config
-from .errors import report_bug, report_user_error, user_errors, user_message
+from .errors import end_run, user_errors
 from .locks import output_lock
 
 # the key naming a recipe's output directory, in order of preference (generate and serve have none)
@@ -65,9 +65,4 @@ def main(hydra_main: Callable[[], object]) -> None:
     try:
         hydra_main()
     except Exception as e:  # noqa: BLE001 -- the boundary
-        message = user_message(e)
-        if os.environ.get("STEERLM_TRACEBACK") == "1":
-            raise
-        if message is None:
-            report_bug(e)
-        report_user_error(message)
+        end_run(e)

@@ -106,11 +106,17 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 -- the boundary: every exception is sorted here
-            message = user_message(e)
-            if os.environ.get("STEERLM_TRACEBACK") == "1":
-                raise
-            if message is None:
-                report_bug(e)
-            report_user_error(message)
+            end_run(e)
 
     return wrapper
+
+
+def end_run(exc: Exception) -> None:
+    """The boundary's verdict: one line and exit 2 for a user mistake, the traceback and exit 1 for a bug
+    (STEERLM_TRACEBACK=1 re-raises either)."""
+    message = user_message(exc)
+    if os.environ.get("STEERLM_TRACEBACK") == "1":
+        raise exc
+    if message is None:
+        report_bug(exc)
+    report_user_error(message)
