@@ -169,7 +169,7 @@ def test_get_schema_specs():
     assert get_schema(HS2) is HS2
     d = get_schema({"attributes": ["x", "y"]})
     assert d.name == "custom" and d.attributes == ("x", "y") and d.scale_max == 4.0
-    with pytest.raises(ValueError, match="unknown attribute schema 'steerlm10'"):
+    with pytest.raises(ValueError, match="schema='steerlm10': unknown attribute schema"):
         get_schema("steerlm10")
     with pytest.raises(ValueError, match="needs 'attributes'"):
         get_schema({"name": "x"})

@@ -47,6 +47,8 @@ BAD_VALUES = [
     ("reward", "loss.type=hinge", "loss.type='hinge'"),
     ("reward", "optim.schedule=linear", "optim.schedule='linear'"),
     ("reward", "optim.lr=nan", "optim.lr=nan"),
+    ("reward", "'optim.betas=[0.9]'", "optim.betas=[0.9]: expected two numbers in [0, 1)"),
+    ("reward", "loss.length_order.ratio=0.5", "loss.length_order.ratio=0.5: expected a number > 1"),
     ("reward", "'data.train=[{format: helpsteer2, path: x.jsonl, lang: en}]'", "data.train[0] key 'lang' applies only"),
     ("sft", "attribute_dropout=1.5", "attribute_dropout=1.5"),
     ("sft", "packing=maybe", "packing='maybe'"),
@@ -198,3 +200,13 @@ def test_server_corpus_is_covered_by_test_serve():
                  "test_openai_client_plain_streaming_n_and_stop"):
         assert f"def {name}(" in text
     assert '(chat("Hi", max_tokens=100000), 400, "max_tokens")' in text
+
+
+def test_a_reward_model_given_as_the_policy_is_one_line(tmp_path, capsys):
+    # a steerlm RM directory loads as a causal LM with a random LM head; it must be refused instead
+    from steerlm.errors import ConfigError
+    from steerlm.models.policy import load_causal_lm
+
+    (tmp_path / "steerlm_reward.json").write_text("{}")
+    with pytest.raises(ConfigError, match="a steerlm reward model, not a causal LM"):
+        load_causal_lm(str(tmp_path))

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from .errors import ConfigError
+
 SCHEMA_FILE = "attribute_schema.json"
 
 OASST_ATTRIBUTES = ("quality", "toxicity", "humor", "creativity")
@@ -206,7 +208,8 @@ def get_schema(spec: "str | Mapping | AttributeSchema") -> AttributeSchema:
         return BUILTIN_SCHEMAS[spec]
     if os.path.exists(spec):
         return AttributeSchema.load(spec)
-    raise ValueError(f"unknown attribute schema {spec!r}: use one of {sorted(BUILTIN_SCHEMAS)}, a JSON path, or a dict")
+    raise ConfigError(f"schema={spec!r}: unknown attribute schema; use one of {sorted(BUILTIN_SCHEMAS)}, a JSON path, "
+                      "or a dict")
 
 
 def weights_vector(schema: AttributeSchema, weights: "Mapping[str, float] | Sequence[float]",

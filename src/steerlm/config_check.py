@@ -27,7 +27,7 @@ STAGE_SECTIONS = ("reward", "label", "sft", "evaluate", "steerlm2", "ppo")
 
 @dataclass(frozen=True)
 class Rule:
-    kind: str  # int | num | bool | choice | pattern
+    kind: str  # int | num | bool | choice | pattern | betas
     lo: Optional[float] = None
     hi: Optional[float] = None
     lo_open: bool = False  # lo itself is not allowed
@@ -41,6 +41,9 @@ class Rule:
             return None if self.null else f"must be set: expected {self.describe()}"
         if self.kind == "bool":
             ok = isinstance(value, bool)
+        elif self.kind == "betas":  # Adam's (β1, β2)
+            ok = isinstance(value, list) and len(value) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value)
         elif self.kind in ("choice", "pattern"):
             ok = value in self.choices if self.kind == "choice" else \
                 isinstance(value, str) and any(re.fullmatch(p, value) for p in self.choices)
@@ -61,6 +64,8 @@ class Rule:
             text = "one of " + " | ".join(str(c).replace("(:\\d+)?", "[:N]") for c in self.choices)
         elif self.kind == "bool":
             text = "true or false"
+        elif self.kind == "betas":
+            text = "two numbers in [0, 1), e.g. [0.9, 0.98]"
         else:
             what = "an integer" if self.kind == "int" else "a number"
             bounds = []
@@ -115,6 +120,8 @@ RULES: dict[str, Rule] = {
     "attribute_dropout": FRACTION, "end_of_turn_weight": Num(0), "contrast.weight": Num(0),
     "contrast.other": Choice("random", "far"),
     "length_cuts.copies": POSITIVE,
+    "loss.length_order.ratio": Num(1, lo_open=True), "loss.length_order.margin": Num(0, lo_open=True),
+    "loss.length_order.weight": Num(0), "loss.length_order.pairs_per_step": POSITIVE,
     # model
     "model.freeze_backbone": BOOL, "model.gradient_checkpointing": BOOL,
     "model.lora.enabled": BOOL, "model.lora.r": POSITIVE, "model.lora.alpha": Num(0, lo_open=True),
@@ -122,7 +129,7 @@ RULES: dict[str, Rule] = {
     "lora.r": POSITIVE, "lora.alpha": Num(0, lo_open=True), "lora.dropout": Num(0, 1),
     # optimisation and the training loop
     "optim.lr": LR, "optim.actor_lr": LR, "optim.critic_lr": LR,
-    "optim.weight_decay": Num(0), "optim.schedule": Choice("constant", "cosine"),
+    "optim.betas": Rule("betas"), "optim.weight_decay": Num(0), "optim.schedule": Choice("constant", "cosine"),
     "optim.warmup_steps": Int(0), "optim.min_lr_ratio": FRACTION, "optim.max_grad_norm": Num(0, lo_open=True, null=True),
     "train.epochs": POSITIVE, "train.max_steps": STEPS,
     "train.global_batch_size": POSITIVE, "train.micro_batch_size": POSITIVE, "train.groups_per_step": POSITIVE,

@@ -33,6 +33,8 @@ SFT_CARD = "steerlm_sft.json"
 def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, attn_implementation: Optional[str] = None):
     from transformers import AutoModelForCausalLM
 
+    if Path(path, "steerlm_reward.json").exists():  # a sequence classifier: its LM head would be random weights
+        raise ConfigError(f"{path}: a steerlm reward model, not a causal LM; point model.path at a base or SFT model")
     kwargs = dict(dtype=dtype, trust_remote_code=False)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
