@@ -210,3 +210,12 @@ def test_a_reward_model_given_as_the_policy_is_one_line(tmp_path, capsys):
     (tmp_path / "steerlm_reward.json").write_text("{}")
     with pytest.raises(ConfigError, match="a steerlm reward model, not a causal LM"):
         load_causal_lm(str(tmp_path))
+
+
+@pytest.mark.parametrize("name,override", [("sft", "eval.conditioning.n=0"), ("reward", "optim.max_grad_norm=0"),
+                                           ("evaluate", "conditioning.n=0"), ("sft", "train.eval_every=0")])
+def test_values_the_configs_document_as_off_pass_the_checks(name, override):
+    # conf/*.yaml say "0 turns it off" / "0 disables clipping": the load-time table must accept them
+    from steerlm.config_check import check_config
+
+    check_config(compose_cfg(name, override))

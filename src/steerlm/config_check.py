@@ -130,7 +130,7 @@ RULES: dict[str, Rule] = {
     # optimisation and the training loop
     "optim.lr": LR, "optim.actor_lr": LR, "optim.critic_lr": LR,
     "optim.betas": Rule("betas"), "optim.weight_decay": Num(0), "optim.schedule": Choice("constant", "cosine"),
-    "optim.warmup_steps": Int(0), "optim.min_lr_ratio": FRACTION, "optim.max_grad_norm": Num(0, lo_open=True, null=True),
+    "optim.warmup_steps": Int(0), "optim.min_lr_ratio": FRACTION, "optim.max_grad_norm": Num(0, null=True),
     "train.epochs": POSITIVE, "train.max_steps": STEPS,
     "train.global_batch_size": POSITIVE, "train.micro_batch_size": POSITIVE, "train.groups_per_step": POSITIVE,
     "train.log_every": POSITIVE, "train.eval_every": Int(0), "train.save_every": Int(0),
@@ -143,7 +143,7 @@ RULES: dict[str, Rule] = {
     "generation.seed": Int(),
     "n_prompts": POSITIVE, "n_samples": POSITIVE, "n_boot": POSITIVE, "iterations": POSITIVE,
     "eval.n_prompts": POSITIVE, "eval.n_samples": POSITIVE, "eval.n_boot": POSITIVE,
-    "conditioning.n": POSITIVE, "eval.conditioning.n": POSITIVE,
+    "conditioning.n": Int(0), "eval.conditioning.n": Int(0),  # 0 turns the probe off
     # ppo
     "steps": POSITIVE, "rollout_batch": POSITIVE, "mini_batch": POSITIVE, "ppo_epochs": POSITIVE,
     "n_eval_prompts": Int(0), "max_prompt_tokens": POSITIVE, "kl_coef": Num(0), "gamma": FRACTION, "lam": FRACTION,
