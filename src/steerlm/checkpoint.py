@@ -49,8 +49,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS and not isinstance(e, OutputError):
-            raise OutputError(final, "this directory", e) from e
+        _raise_output_error(e, final, "this directory")
         raise
     fsync_dir(tmp)
     if final.exists():
@@ -81,9 +80,14 @@ def staged_file(path: str | os.PathLike, what: Optional[str] = None) -> Iterator
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS and not isinstance(e, OutputError):
-            raise OutputError(path, what or path.name, e) from e
+        _raise_output_error(e, path, what or path.name)
         raise
+
+
+def _raise_output_error(e: BaseException, path, what: str) -> None:
+    """A full disk or an unwritable directory: one OutputError line naming `path` (other errors: the caller re-raises)."""
+    if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS and not isinstance(e, OutputError):
+        raise OutputError(path, what, e) from e
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, what: Optional[str] = None) -> None:
