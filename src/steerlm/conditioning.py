@@ -108,11 +108,12 @@ def preference_slopes(log_liks: np.ndarray, levels: Sequence[int]) -> np.ndarray
 def measure(model, tokenizer, fmt: SFTFormat, schema: AttributeSchema, conversations: Sequence[Mapping],
             attributes: Sequence[str], levels: Sequence[int] = (0, 1, 2, 3, 4), *, device: torch.device,
             n_max: Optional[int] = None, batch_tokens: int = 4096, amp_dtype=None, max_length: Optional[int] = None,
-            n_boot: int = 2000, seed: int = 0) -> dict:
+            n_boot: int = 2000, seed: int = 0, steering_of=None) -> dict:
     """Conditioning strength per attribute -> {attribute: {strength, gain, length_strength, ...}, "tokens", "seconds"}.
 
     conversations: held-out labeled conversations (canonical schema). The first `n_max` whose last response
-    carries a label for the attribute (and fits `max_length`) are used.
+    carries a label for the attribute (and fits `max_length`) are used. steering_of(attribute, level): the
+    activation steering that goes with a requested level (a checkpoint's level steering), or None.
     """
     from .steerability import CI, bootstrap_ci, verdict
 
@@ -134,8 +135,17 @@ def measure(model, tokenizer, fmt: SFTFormat, schema: AttributeSchema, conversat
         if len(convs) < 3:
             result[a] = {"n": len(convs), "skipped_over_length": skipped, "strength": None}
             continue
-        ll = np.array(batched_sequence_log_probs(model, rows_all, tokenizer.pad_token_id, device, batch_tokens, amp_dtype),
-                      dtype=np.float64).reshape(len(convs), len(levels))
+        if steering_of is None:
+            ll = np.array(batched_sequence_log_probs(model, rows_all, tokenizer.pad_token_id, device, batch_tokens,
+                                                     amp_dtype), dtype=np.float64).reshape(len(convs), len(levels))
+        else:  # one pass per level, under that level's steering
+            from .steering import steer
+
+            ll = np.zeros((len(convs), len(levels)))
+            for k, v in enumerate(levels):
+                with steer(model, steering_of(a, v)):
+                    ll[:, k] = batched_sequence_log_probs(model, rows_all[k::len(levels)], tokenizer.pad_token_id,
+                                                          device, batch_tokens, amp_dtype)
         tokens += sum(len(r[0]) for r in rows_all)
         slopes = preference_slopes(ll, levels)
         decoded = decoded_levels(ll, levels)

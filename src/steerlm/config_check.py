@@ -110,7 +110,7 @@ RULES: dict[str, Rule] = {
     # data, labeling
     "output_format": Choice("jsonl", "parquet"),
     "over_length": OVER_LENGTH, "rm_over_length": OVER_LENGTH, "eval.rm_over_length": OVER_LENGTH,
-    "overwrite": BOOL, "keep_human_labels": BOOL, "packing": BOOL,
+    "overwrite": BOOL, "keep_human_labels": BOOL, "packing": BOOL, "string_only": BOOL,
     "chunk_size": POSITIVE, "max_length": POSITIVE_OR_NULL, "pack_length": POSITIVE_OR_NULL,
     "batch_tokens": POSITIVE_OR_NULL, "rm_batch_tokens": POSITIVE_OR_NULL, "eval.rm_batch_tokens": POSITIVE_OR_NULL,
     "logprob_batch_tokens": POSITIVE,
@@ -120,6 +120,8 @@ RULES: dict[str, Rule] = {
     "attribute_dropout": FRACTION, "end_of_turn_weight": Num(0), "contrast.weight": Num(0),
     "contrast.other": Choice("random", "far"),
     "length_cuts.copies": POSITIVE,
+    "level_steering.gain": Num(0, lo_open=True), "level_steering.positions": Choice("all", "prompt", "generated"),
+    "level_steering.max_per_side": POSITIVE,
     "loss.length_order.ratio": Num(1, lo_open=True), "loss.length_order.margin": Num(0, lo_open=True),
     "loss.length_order.weight": Num(0), "loss.length_order.pairs_per_step": POSITIVE,
     # model

@@ -221,18 +221,22 @@ def evaluate_section(d: Path, n_examples: int, max_chars: int) -> list:
 
 
 def conditioning_blocks(c: dict) -> list:
-    pol, base = c.get("policy") or {}, c.get("base") or {}
+    pol, base, string = c.get("policy") or {}, c.get("base") or {}, c.get("policy_string")
     rows = []
     for a, m in (pol.get("attributes") or {}).items():
         b = (base.get("attributes") or {}).get(a, {})
-        rows.append([a, m.get("n"), format_ci(m.get("strength")), m.get("verdict"), format_ci(b.get("strength")),
+        alone = [format_ci(((string.get("attributes") or {}).get(a) or {}).get("strength"))] if string else []
+        rows.append([a, m.get("n"), format_ci(m.get("strength")), m.get("verdict"), *alone, format_ci(b.get("strength")),
                      format_ci(m.get("length_strength")), fmt_opt(m.get("mean_abs_slope"), 3)])
+    extra = (" The policy steers with its level vectors as well as the string (sft.level_steering); 'string alone' "
+             "is the same policy without them.") if string else ""
     return [("p", "Held-out labeled responses scored under each requested level of an attribute, everything else "
                   "fixed; per response the level the model decodes (the posterior mean over the requested levels); "
                   "strength = Spearman(decoded level, the response's own label) over responses (0: the attribute "
                   "string is ignored; positive: the preference follows the label). The base model, given the same "
-                  "attribute strings, is the control."),
-            ("table", ["attribute", "n", "policy strength [95% CI]", "verdict", "base model strength [95% CI]",
+                  "attribute strings, is the control." + extra),
+            ("table", ["attribute", "n", "policy strength [95% CI]", "verdict",
+                       *(["policy, string alone [95% CI]"] if string else []), "base model strength [95% CI]",
                        "policy: Spearman(decoded, tokens)", "mean |slope| (nats/level)"], rows)]
 
 
@@ -252,7 +256,8 @@ def comparison_blocks(methods: dict) -> list:
         scored = [(res["attributes"][a].get("spearman"), n) for n, res in methods.items()
                   if res["attributes"][a].get("spearman") is not None]
         best[a] = max(scored)[1] if scored else "n/a"
-    return [("p", "The same prompts answered by the AC-SFT policy (attribute string), by its base model told the level "
+    return [("p", "The same prompts answered by the AC-SFT policy (attribute string; with a checkpoint's level steering "
+                  "its vectors too, and ac_sft_string: the string alone), by its base model told the level "
                   "in words (prompting), and by its base model steered by an attribute vector (activation). "
                   "Largest side effect: the other RM attribute with the largest standardized slope whose interval "
                   "excludes 0. Highest Spearman(requested, RM-measured): "

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import ConfigError
 from ..stages.generate import PromptError
+from ..steering.levels import merge as merge_specs
 from ..steering.ops import SteeringSpec
 from ..templates import END_OF_TURN
 from .engine import Engine
@@ -225,6 +226,11 @@ def create_app(policy, engine: Engine, *, model_id: str, vectors=None, default_l
         if body.n > limits.max_n:
             raise ApiError(400, f"n {body.n} is over this server's limit of {limits.max_n}", "n")
         steering = parse_steering(body.steering, vectors, default_layer)
+        if getattr(policy, "level_steering", None) is not None:  # the checkpoint's vectors follow the request's explicit levels
+            try:
+                steering = merge_specs(steering, policy.level_steering.spec(body.attributes))
+            except ConfigError as e:
+                raise ApiError(400, f"steering: {e}", "steering") from None
         if steering is not None:
             try:
                 steering.check(n_layers, hidden)

@@ -159,12 +159,12 @@ def sweep_jobs(attributes: Sequence[str], levels: Sequence[int], prompts: Sequen
 
 
 def answer(model: SteerableModel, method: str, jobs: list[tuple], options: dict, *, prompts_of=None,
-           attributes_of=None, steering_of=None) -> list[dict]:
+           attributes_of=None, steering_of=None, level_steering: bool = True) -> list[dict]:
     """Generate every job with `model` (one batched call) -> samples without measures yet."""
     prompts = [prompts_of(j) if prompts_of else j[2] for j in jobs]
     attrs = [attributes_of(j) if attributes_of else None for j in jobs]
     steering = [steering_of(j) for j in jobs] if steering_of else None
-    outs = model.generate(prompts, attrs, steering=steering, **options)
+    outs = model.generate(prompts, attrs, steering=steering, level_steering=level_steering, **options)
     return [{"method": method, "attribute": a, "level": lev, "prompt_id": p["id"], "sample": k, "system": q.get("system"),
              "prompt": p["turns"][-1]["content"], "response": o["text"], "tokens": o["tokens"], "stopped": o["stopped"],
              "attributes": o["attributes"]} for (a, lev, p, k), q, o in zip(jobs, prompts, outs)]
@@ -224,7 +224,12 @@ def conditioning_results(cfg: DictConfig, policy: SteerableModel, base: Optional
     convs, _ = load_mixture([OmegaConf.to_container(d, resolve=True) for d in c.data], policy.schema)
     kw = dict(device=policy.device, n_max=int(c.n), max_length=int(c.max_length), n_boot=int(cfg.n_boot))
     levels = check_levels(list(c.levels), policy.schema)
-    out = {"policy": measure(policy.model, policy.tokenizer, policy.format, policy.schema, convs, attributes, levels, **kw)}
+    args = (policy.tokenizer, policy.format, policy.schema, convs, attributes, levels)
+    ls = policy.level_steering  # the model as shipped: the string and, with it, the checkpoint's level steering
+    out = {"policy": measure(policy.model, *args, **kw,
+                             steering_of=None if ls is None else lambda a, v: ls.spec({a: v}))}
+    if ls is not None:
+        out["policy_string"] = measure(policy.model, *args, **kw)  # the attribute string alone
     if c.control:
         out["base"] = measure(base.model, policy.tokenizer, policy.format, policy.schema, convs, attributes, levels, **kw)
     return out
@@ -251,8 +256,14 @@ def run(cfg: DictConfig) -> dict:
           f"baselines: {list(cfg.baselines.methods or []) or 'none'}", flush=True)
 
     # ===== generate: AC-SFT, then the baselines on the same prompts; rate everything in one call ==============
-    samples = answer(model, "ac_sft", sweep_jobs(attributes, levels, prompts, n_samples), options,
-                     attributes_of=lambda j: {j[0]: j[1]}, steering_of=(lambda j: spec) if spec is not None else None)
+    jobs = sweep_jobs(attributes, levels, prompts, n_samples)
+    samples = answer(model, "ac_sft", jobs, options, attributes_of=lambda j: {j[0]: j[1]},
+                     steering_of=(lambda j: spec) if spec is not None else None)
+    if model.level_steering is not None and cfg.get("string_only", True):
+        # the checkpoint also steers by its vectors: the same sweep with the attribute string alone, to compare
+        samples += answer(model, "ac_sft_string", jobs, {**options, "seed": options["seed"] + 3},
+                          attributes_of=lambda j: {j[0]: j[1]}, steering_of=(lambda j: spec) if spec is not None else None,
+                          level_steering=False)
     # the policy's base model, loaded once: the baselines answer with it, and it is the conditioning control
     c = cfg.conditioning
     needs_base = baseline_methods(cfg) or (c.data is not None and int(c.n) > 0 and c.control)
@@ -273,6 +284,7 @@ def run(cfg: DictConfig) -> dict:
         "model": str(cfg.model.path), "rm": str(cfg.rm), "attributes": methods["ac_sft"]["attributes"], "levels": levels,
         "methods": methods, "conditioning": conditioning, "measures": measures,
         "steering": None if spec is None else spec.to_dict()[0],
+        "level_steering": None if model.level_steering is None else model.level_steering.describe(),
         "n_prompts": len(prompts), "n_samples": n_samples, "defaults": model.defaults, "generation": options,
         "generation_stats": model.stats.to_dict(), "rm_scoring": score_stats.to_dict(),
         "peak_mem_mb": round(te.peak_memory_mb(model.device), 1), "device": str(model.device),

@@ -44,6 +44,8 @@ from ..generation import Sampler, StopStrings, generate_continuous, unsupported
 from ..models.policy import load_for_generation, read_card
 from ..models.reward_model import load_tokenizer
 from ..sft_template import SFTFormat, prompt_ids
+from ..steering.levels import LevelSteering
+from ..steering.levels import merge as merge_specs
 from ..templates import END_OF_TURN
 
 Prompt = Union[str, Mapping]
@@ -154,6 +156,8 @@ class SteerableModel:
         # tokens/s of linears alone), and its KV cache costs 46 KB a token, so ~80 rows of a 200-token budget.
         self.batch_tokens = 16384 if device.type == "cpu" else 65536
         self.max_rows = 256
+        # attribute vectors applied in proportion to each request's explicit levels (steerlm.steering.levels)
+        self.level_steering: Optional[LevelSteering] = None
 
     @classmethod
     def load(cls, path: str, device: str = "auto", precision: str = "auto") -> "SteerableModel":
@@ -166,7 +170,9 @@ class SteerableModel:
         dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda") else torch.float32
         tokenizer = load_tokenizer(path)
         model = load_for_generation(path, dtype=dtype).to(dev).eval()
-        return cls(model, tokenizer, schema, card, dev)
+        steerable = cls(model, tokenizer, schema, card, dev)
+        steerable.level_steering = LevelSteering.load(path)  # the checkpoint's own vectors (sft.level_steering)
+        return steerable
 
     # ------------------------------------------------------------------ attributes
     def resolve_attributes(self, overrides: Optional[Mapping[str, Optional[float]]] = None) -> dict[str, float]:
@@ -181,7 +187,7 @@ class SteerableModel:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], attributes=None, *, max_new_tokens: int = 256, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 batch_size: int = 16, progress: bool = True, steering=None) -> list[dict]:
+                 batch_size: int = 16, progress: bool = True, steering=None, level_steering: bool = True) -> list[dict]:
         """-> [{text, tokens, stopped, ids, attributes}] in input order.
 
         attributes: None (card defaults), one mapping for all prompts, or a list with one mapping per prompt.
@@ -190,6 +196,8 @@ class SteerableModel:
         progress: a tqdm bar when there is more than one batch. steering: activation steering, a
         `steerlm.steering.SteeringSpec` for every prompt or a list with one (or None) per prompt.
         batch_size: the rows decoded together (hf_generate), a floor on them (continuous).
+        level_steering: also apply the checkpoint's level steering (if it has one) for each prompt's explicit
+        attribute levels; False: the attribute string alone.
         """
         check_options(max_new_tokens, do_sample, temperature, top_p, top_k, batch_size)
         if isinstance(prompts, (str, Mapping)):
@@ -203,6 +211,9 @@ class SteerableModel:
         resolved = [self.resolve_attributes(a) for a in per_prompt]
         if isinstance(steering, (list, tuple)) and len(steering) != len(prompts):
             raise ConfigError(f"{len(steering)} steering specs for {len(prompts)} prompts")
+        if level_steering and self.level_steering is not None:
+            given = steering if isinstance(steering, (list, tuple)) else [steering] * len(prompts)
+            steering = [merge_specs(g, self.level_steering.spec(a)) for g, a in zip(given, per_prompt)]
         ids = []
         for i, p in enumerate(prompts):
             try:

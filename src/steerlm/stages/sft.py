@@ -54,6 +54,7 @@ from ..models import packed_attention
 from ..models.policy import apply_lora, load_causal_lm, make_card, save_policy
 from ..models.reward_model import load_tokenizer
 from ..sft_template import SFTFormat, encode_conversation
+from ..steering import levels
 from .training import maybe_resume, prepare_run, run_distributed, save_state
 from . import sft_data as sd
 
@@ -72,6 +73,8 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.pad_token)
     data = setup_data(cfg, schema, tokenizer, fmt)
+    level_data = levels.check_for_run(cfg.get("level_steering"), OmegaConf.to_container(cfg.data.train, resolve=True),
+                                      data["steerable"])  # the vectors' data (None: off), checked before training
     attn = cfg.model.attn_implementation
     if cfg.packing and attn == "sdpa":  # per-conversation causal sdpa instead of a block-diagonal mask
         attn = packed_attention.register()
@@ -222,6 +225,9 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         written = save_policy(run_dir / "model", hf_model=hf_model, state=state, tokenizer=tokenizer,
                               schema=schema, card=card, lora=lora, base_path=str(cfg.model.path),
                               save_merged=lora and cfg.model.lora.save_merged, dtype=getattr(torch, cfg.model.dtype))
+        summary["level_steering"] = levels.save_for_run(
+            cfg.get("level_steering"), level_data, written, tokenizer, fmt, schema, device=info.device,
+            max_length=int(cfg.max_length or 512), skip_ids={c["id"] for c in data["val_conversations"]})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_text_atomic(run_dir / "validation.jsonl", "".join(
             json.dumps({k: c[k] for k in ("id", "group", "system", "source", "turns") if k in c}, ensure_ascii=False)

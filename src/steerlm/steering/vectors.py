@@ -31,8 +31,9 @@ from .ops import Add, LayerSpec, SteeringSpec
 VECTORS_JSON, VECTORS_FILE = "steering_vectors.json", "vectors.safetensors"
 
 
-def scored_turns(path: str, schema: AttributeSchema, attribute: str) -> list[dict]:
-    """[{system, turns (before it), response, score}] for every assistant turn of a labeled JSONL rated on `attribute`."""
+def scored_turns(path: str, schema: AttributeSchema, attribute: str, skip_ids=frozenset()) -> list[dict]:
+    """[{system, turns (before it), response, score}] for every assistant turn of a labeled JSONL rated on `attribute`
+    (conversations whose id is in `skip_ids` left out)."""
     if attribute not in schema.attributes:
         raise ConfigError(f"attribute {attribute!r} is not in schema {schema.name!r} ({', '.join(schema.attributes)})")
     schema_file = Path(path).parent / "attribute_schema.json"
@@ -46,6 +47,8 @@ def scored_turns(path: str, schema: AttributeSchema, attribute: str) -> list[dic
                 turns = row["turns"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise DataError(str(path), line_no, "turns", f"not a labeled conversation ({e})") from None
+            if skip_ids and row.get("id") in skip_ids:
+                continue
             for k, t in enumerate(turns):
                 rating = None
                 if t.get("role") == "assistant":  # the RM's raw score where it wrote one, else the (human) label
@@ -130,7 +133,7 @@ class AttributeVectors:
 def build_attribute_vectors(model, tokenizer, fmt: SFTFormat, schema: AttributeSchema, labeled: str,
                             attributes: Sequence[str], layers: Optional[Sequence[int]], *, fraction: float = 0.25,
                             max_per_side: int = 64, min_per_side: int = 4, batch_size: int = 8, max_length: int = 512,
-                            device=torch.device("cpu")) -> AttributeVectors:
+                            skip_ids=frozenset(), device=torch.device("cpu")) -> AttributeVectors:
     from ..engines.torch_engine import decoder_layers
 
     n_layers = len(decoder_layers(model))
@@ -141,7 +144,7 @@ def build_attribute_vectors(model, tokenizer, fmt: SFTFormat, schema: AttributeS
                                     "site": "decoder layer output, mean over response tokens", "fraction": fraction,
                                     "attributes": {}})
     for a in attributes:
-        turns = sorted(scored_turns(labeled, schema, a), key=lambda t: t["score"])
+        turns = sorted(scored_turns(labeled, schema, a, skip_ids), key=lambda t: t["score"])
         k = min(int(len(turns) * fraction), max_per_side)
         low, high = turns[:k], turns[len(turns) - k:]
         if k < min_per_side or low[-1]["score"] >= high[0]["score"]:
