@@ -15,7 +15,7 @@ from conftest import HS2_SAMPLE as HS2, assert_one_error, run_recipe, tiny_sft_o
 from steerlm.attributes import BUILTIN_SCHEMAS
 from steerlm.data.sources import load_mixture
 from steerlm.errors import ConfigError
-from steerlm.steering.levels import LEVEL_DIR, LevelSteering, check_for_run, merge
+from steerlm.steering.levels import LEVEL_DIR, LevelSteering, check_for_run, copy_level_steering, merge
 from steerlm.steering.ops import SteeringSpec
 from steerlm.steering.vectors import AttributeVectors
 
@@ -55,6 +55,14 @@ def test_save_load_round_trip(tmp_path):
     assert json.loads((tmp_path / LEVEL_DIR / "level_steering.json").read_text())["gain"] == 1.5
 
 
+def test_a_policy_trained_further_keeps_the_vectors(tmp_path):
+    assert not copy_level_steering(tmp_path / "none", tmp_path / "b")  # nothing to carry
+    level_steering().save(tmp_path / "a")
+    assert copy_level_steering(tmp_path / "a", tmp_path / "b")
+    a, b = LevelSteering.load(tmp_path / "a"), LevelSteering.load(tmp_path / "b")
+    assert b.describe() == a.describe() and torch.equal(b.vectors.vectors["humor"][1], a.vectors.vectors["humor"][1])
+
+
 def test_merge_keeps_both_and_refuses_mixed_positions():
     ls = level_steering()
     a = ls.spec({"verbosity": 4})
@@ -90,7 +98,11 @@ def steered_sft(tiny_model_dir, tmp_path_factory) -> Path:
     return base / "sft"
 
 
-def test_sft_saves_level_steering_in_both_checkpoints(steered_sft):
+def test_sft_saves_level_steering_in_both_checkpoints(steered_sft, tmp_path):
+    from steerlm.report import sft_section
+
+    assert "Level steering: the trained policy's own vectors for verbosity, complexity" in \
+        json.dumps(sft_section(steered_sft, tmp_path), default=str)
     summary = json.loads((steered_sft / "summary.json").read_text())["level_steering"]
     assert summary["attributes"] == ["verbosity", "complexity"] and summary["gain"] == 50.0
     val_ids = {json.loads(line)["id"] for line in (steered_sft / "validation.jsonl").read_text().splitlines()}

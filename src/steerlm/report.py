@@ -154,6 +154,11 @@ def sft_section(d: Path, out_dir: Path) -> list:
     blocks = [("p", f"{s['steps']} steps, {s['tokens']} non-pad tokens ({s['trained_tokens']} trained), packing "
                     f"efficiency {s['packing_efficiency']:.1%}, {s['trainable_params']:,} trainable parameters, "
                     f"validation loss {s.get('validation_loss')}.")]
+    ls = s.get("level_steering")
+    if ls:
+        blocks.append(("p", f"Level steering: the trained policy's own vectors for {', '.join(ls['attributes'])} at layer "
+                            f"{ls['layer']}, saved in model/ ({ls.get('seconds')} s); a request's level l adds "
+                            f"{ls['gain']:g} (l - {ls['center']:g}) v_a there, with the attribute string."))
     metrics = read_metrics(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []
     train = [(m["step"], m["train/loss"]) for m in metrics if "train/loss" in m]
     val = [(m["step"], m["validation/loss"]) for m in metrics if "validation/loss" in m]

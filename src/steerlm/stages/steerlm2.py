@@ -38,6 +38,7 @@ from ..losses import sequence_log_probs
 from ..steerlm2_math import listwise_loss, target_weights
 from . import evaluate as steer_eval
 from . import steerlm2_data as sd
+from ..steering.levels import copy_level_steering
 from .generate import SteerableModel
 
 
@@ -223,9 +224,12 @@ def run(cfg: DictConfig) -> dict:
     final = run_dir / "model"
     with atomic_directory(final) as tmp:
         shutil.copytree(policy_path, tmp, dirs_exist_ok=True)
+        # the SFT policy's level steering (sft.level_steering) goes with it: before and after steer alike
+        copy_level_steering(str(cfg.policy), tmp)
     if (final / "adapter_config.json").exists():
-        save_merged_policy(final, tokenizer=load_tokenizer(str(final)), schema=schema, card=read_card(str(final)),
-                           dtype=getattr(torch, cfg.dtype))
+        merged = save_merged_policy(final, tokenizer=load_tokenizer(str(final)), schema=schema,
+                                    card=read_card(str(final)), dtype=getattr(torch, cfg.dtype))
+        copy_level_steering(final, merged)
 
     result = {"iterations": iterations, "steps": sum(it["steps"] for it in iterations), "policy_in": str(cfg.policy),
               "model": str(final),

@@ -65,10 +65,12 @@ class LevelSteering:
 
     def save(self, model_dir: str | os.PathLike) -> Path:
         """Into <model_dir>/level_steering/ (vectors.safetensors, steering_vectors.json, level_steering.json)."""
+        from ..checkpoint import write_text_atomic
+
         out = Path(model_dir) / LEVEL_DIR
         self.vectors.save(out)
         desc = {k: v for k, v in self.describe().items() if k != "vectors"}
-        (out / LEVEL_JSON).write_text(json.dumps(desc, indent=2) + "\n")
+        write_text_atomic(out / LEVEL_JSON, json.dumps(desc, indent=2) + "\n")  # last: present = complete
         return out
 
     @classmethod
@@ -144,6 +146,17 @@ def save_for_run(block, labeled: Optional[str], model_dirs, tokenizer, fmt, sche
     for d in model_dirs:
         steering.save(d)
     return {**steering.describe(), "seconds": round(time.time() - t0, 1)}
+
+
+def copy_level_steering(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> bool:
+    """A policy trained further from `src_dir` (SteerLM 2.0) keeps its vectors: copied when `src_dir` has them."""
+    import shutil
+
+    src = Path(src_dir) / LEVEL_DIR
+    if not (src / LEVEL_JSON).exists():
+        return False
+    shutil.copytree(src, Path(dst_dir) / LEVEL_DIR, dirs_exist_ok=True)
+    return True
 
 
 def merge(a: Optional[SteeringSpec], b: Optional[SteeringSpec]) -> Optional[SteeringSpec]:
