@@ -93,7 +93,7 @@ def steered_sft(tiny_model_dir, tmp_path_factory) -> Path:
     conversations, _ = load_mixture([{"format": "helpsteer2", "path": HS2}], BUILTIN_SCHEMAS["steerlm9"])
     labeled.write_text("".join(json.dumps(c) + "\n" for c in conversations))
     run_recipe("train_sft", *tiny_sft_overrides(tiny_model_dir, base / "sft"), "model.lora.save_merged=true",
-               f"data.train=[{{format: canonical, path: {labeled}}}]", "level_steering.attributes=[verbosity,complexity]",
+               f"data.train=[{{format: canonical, path: {labeled}}}]", "level_steering.attributes=[verbosity,helpfulness]",
                "level_steering.max_per_side=8", "level_steering.gain=50")
     return base / "sft"
 
@@ -101,16 +101,16 @@ def steered_sft(tiny_model_dir, tmp_path_factory) -> Path:
 def test_sft_saves_level_steering_in_both_checkpoints(steered_sft, tmp_path):
     from steerlm.report import sft_section
 
-    assert "Level steering: the trained policy's own vectors for verbosity, complexity" in \
+    assert "Level steering: the trained policy's own vectors for verbosity, helpfulness" in \
         json.dumps(sft_section(steered_sft, tmp_path), default=str)
     summary = json.loads((steered_sft / "summary.json").read_text())["level_steering"]
-    assert summary["attributes"] == ["verbosity", "complexity"] and summary["gain"] == 50.0
+    assert summary["attributes"] == ["verbosity", "helpfulness"] and summary["gain"] == 50.0
     val_ids = {json.loads(line)["id"] for line in (steered_sft / "validation.jsonl").read_text().splitlines()}
     assert val_ids  # the held-out conversations exist, and the vectors did not use them
     assert summary["vectors"]["attributes"]["verbosity"]["high"] == 8
     for d in ("model", "merged"):
         ls = LevelSteering.load(steered_sft / d)
-        assert ls is not None and ls.layer == summary["layer"] and ls.attributes == ["verbosity", "complexity"]
+        assert ls is not None and ls.layer == summary["layer"] and ls.attributes == ["verbosity", "helpfulness"]
 
 
 def test_generate_and_conditioning_follow_the_level_vectors(steered_sft):
@@ -158,7 +158,7 @@ def test_evaluate_reports_the_vectors_and_the_string_alone(steered_sft, tiny_mod
                "conditioning.max_length=2048", "conditioning.levels=[0,4]")
     result = json.loads((out / "steerability.json").read_text())
     assert set(result["methods"]) == {"ac_sft", "ac_sft_string"}
-    assert result["level_steering"]["attributes"] == ["verbosity", "complexity"]
+    assert result["level_steering"]["attributes"] == ["verbosity", "helpfulness"]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     on = {(s["prompt_id"], s["level"], s["sample"]): s["response"] for s in samples if s["method"] == "ac_sft"}
     off = {(s["prompt_id"], s["level"], s["sample"]): s["response"] for s in samples if s["method"] == "ac_sft_string"}
@@ -169,3 +169,35 @@ def test_evaluate_reports_the_vectors_and_the_string_alone(steered_sft, tiny_mod
         cond["policy_string"]["attributes"]["verbosity"]["mean_abs_slope"]
     text = json.dumps(evaluate_section(out, 1, 100), default=str)
     assert "string alone" in text and "ac_sft_string" in text
+
+
+def test_generate_recipe_steers_only_the_attributes_it_is_given(steered_sft, tmp_path):
+    common = [f"model.path={steered_sft / 'model'}", "prompt=What is DNS?", "generation.max_new_tokens=8"]
+    rows = {}
+    for name, extra in {"on": ["attributes.verbosity=4"], "off": ["attributes.verbosity=4", "level_steering=false"],
+                        "defaults": [], "defaults_off": ["level_steering=false"]}.items():
+        run_recipe("generate", *common, *extra, f"output={tmp_path / name}.jsonl")
+        rows[name] = json.loads((tmp_path / f"{name}.jsonl").read_text())
+    assert rows["on"]["attributes"]["verbosity"] == rows["off"]["attributes"]["verbosity"] == 4.0
+    assert rows["on"]["response"] != rows["off"]["response"]  # gain 50 on verbosity
+    # the card's defaults (helpfulness 4: +100 v if it were applied) are not requested: no vector moves
+    assert rows["defaults"]["response"] == rows["defaults_off"]["response"]
+
+
+def test_server_applies_the_checkpoint_vectors_like_generate(steered_sft):
+    from test_serve import chat, post, serve
+
+    from steerlm.stages.generate import SteerableModel
+
+    torch.set_num_threads(1)
+    policy = SteerableModel.load(str(steered_sft / "model"), device="cpu")
+    url, _, stop = serve(steered_sft / "model", max_tokens=8)
+    try:
+        for attrs in ({"verbosity": 4}, {"verbosity": 0, "helpfulness": 1}):
+            code, body = post(url, chat("What is DNS?", max_tokens=8, attributes=attrs))
+            assert code == 200, body
+            want = policy.generate(["What is DNS?"], [attrs], max_new_tokens=8, progress=False)[0]
+            alone = policy.generate(["What is DNS?"], [attrs], max_new_tokens=8, progress=False, level_steering=False)[0]
+            assert body["choices"][0]["message"]["content"] == want["text"] != alone["text"]
+    finally:
+        stop()

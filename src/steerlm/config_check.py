@@ -110,7 +110,7 @@ RULES: dict[str, Rule] = {
     # data, labeling
     "output_format": Choice("jsonl", "parquet"),
     "over_length": OVER_LENGTH, "rm_over_length": OVER_LENGTH, "eval.rm_over_length": OVER_LENGTH,
-    "overwrite": BOOL, "keep_human_labels": BOOL, "packing": BOOL, "string_only": BOOL,
+    "overwrite": BOOL, "keep_human_labels": BOOL, "packing": BOOL, "string_only": BOOL, "level_steering": BOOL,
     "chunk_size": POSITIVE, "max_length": POSITIVE_OR_NULL, "pack_length": POSITIVE_OR_NULL,
     "batch_tokens": POSITIVE_OR_NULL, "rm_batch_tokens": POSITIVE_OR_NULL, "eval.rm_batch_tokens": POSITIVE_OR_NULL,
     "logprob_batch_tokens": POSITIVE,

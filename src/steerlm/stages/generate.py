@@ -380,7 +380,10 @@ def run(cfg: DictConfig) -> list[dict]:
         prompts = [{"system": cfg.system, "turns": [{"role": "user", "content": p}]} if isinstance(p, str) else p
                    for p in read_prompts_file(cfg.prompts_file, model.schema)]
     options = OmegaConf.to_container(cfg.generation, resolve=True)
-    outputs = model.generate(prompts, attributes, steering=spec, **options)
+    # the explicit overrides, not the resolved ones: level steering moves only what the user asked for
+    outputs = model.generate(prompts, overrides or None, steering=spec, level_steering=bool(cfg.get("level_steering", True)),
+                             **options)
+    assert not outputs or outputs[0]["attributes"] == attributes
     rows = []
     for i, (p, o) in enumerate(zip(prompts, outputs)):
         label = model.schema.format_label(o["attributes"])

@@ -43,8 +43,11 @@ def sample_groups(policy, prompts: Sequence[dict], targets: Sequence[Mapping], n
         attrs = policy.resolve_attributes(dict(targets[i % len(targets)]) if targets else None)
         groups.append({"id": f"{p['id']}#{i}", "system": p["system"], "turns": p["turns"], "attributes": attrs})
     jobs = [(g, k) for g in groups for k in range(n)]
+    # the explicit targets (generate fills the defaults): a checkpoint's level steering moves only those
+    requested = [dict(targets[i % len(targets)]) if targets else None for i in range(len(prompts))]
+    index = {g["id"]: i for i, g in enumerate(groups)}
     outputs = policy.generate([{"system": g["system"], "turns": g["turns"]} for g, _ in jobs],
-                              [g["attributes"] for g, _ in jobs], do_sample=True, **generation)
+                              [requested[index[g["id"]]] for g, _ in jobs], do_sample=True, **generation)
     for g in groups:
         g["responses"] = []
     for (g, _), out in zip(jobs, outputs):
