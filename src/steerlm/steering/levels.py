@@ -90,7 +90,7 @@ class LevelSteering:
 
 
 def build_level_steering(model, tokenizer, fmt, schema, labeled: str, attributes, *, layer: Optional[int] = None,
-                         gain: float = 2.0, positions: str = "all", skip_ids=(), max_per_side: int = 32,
+                         gain: float = 1.0, positions: str = "all", skip_ids=(), max_per_side: int = 32,
                          max_length: int = 512, device=None) -> LevelSteering:
     """Vectors of `model` (the trained policy) from the turns of `labeled` (conversations in `skip_ids` left out:
     the held-out split stays unseen), at `layer` (None: the middle decoder layer)."""
@@ -140,7 +140,7 @@ def save_for_run(block, labeled: Optional[str], model_dirs, tokenizer, fmt, sche
     t0 = time.time()
     model = load_for_generation(str(model_dirs[0]), dtype=torch.float32).to(device).eval()
     steering = build_level_steering(model, tokenizer, fmt, schema, labeled, attributes, layer=block.get("layer"),
-                                    gain=float(block.get("gain", 2.0)), positions=str(block.get("positions", "all")),
+                                    gain=float(block.get("gain", 1.0)), positions=str(block.get("positions", "all")),
                                     skip_ids=skip_ids, max_per_side=int(block.get("max_per_side", 32)),
                                     max_length=max_length, device=device)
     for d in model_dirs:
