@@ -257,12 +257,11 @@ def run(cfg: DictConfig) -> dict:
 
     # ===== generate: AC-SFT, then the baselines on the same prompts; rate everything in one call ==============
     jobs = sweep_jobs(attributes, levels, prompts, n_samples)
-    samples = answer(model, "ac_sft", jobs, options, attributes_of=lambda j: {j[0]: j[1]},
-                     steering_of=(lambda j: spec) if spec is not None else None)
+    ac_sft = dict(attributes_of=lambda j: {j[0]: j[1]}, steering_of=(lambda j: spec) if spec is not None else None)
+    samples = answer(model, "ac_sft", jobs, options, **ac_sft)
     if model.level_steering is not None and cfg.get("string_only", True):
         # the checkpoint also steers by its vectors: the same sweep with the attribute string alone, to compare
-        samples += answer(model, "ac_sft_string", jobs, {**options, "seed": options["seed"] + 3},
-                          attributes_of=lambda j: {j[0]: j[1]}, steering_of=(lambda j: spec) if spec is not None else None,
+        samples += answer(model, "ac_sft_string", jobs, {**options, "seed": options["seed"] + 3}, **ac_sft,
                           level_steering=False)
     # the policy's base model, loaded once: the baselines answer with it, and it is the conditioning control
     c = cfg.conditioning

@@ -38,16 +38,13 @@ NEMO_TO_ROLE = {v: k for k, v in ROLE_TO_NEMO.items()}
 # ===== sampling and scoring ======================================================================
 def sample_groups(policy, prompts: Sequence[dict], targets: Sequence[Mapping], n: int, generation: Mapping) -> list[dict]:
     """Prompt i gets target set i mod len(targets) (on top of the policy's defaults) and n sampled responses."""
-    groups = []
-    for i, p in enumerate(prompts):
-        attrs = policy.resolve_attributes(dict(targets[i % len(targets)]) if targets else None)
-        groups.append({"id": f"{p['id']}#{i}", "system": p["system"], "turns": p["turns"], "attributes": attrs})
-    jobs = [(g, k) for g in groups for k in range(n)]
-    # the explicit targets (generate fills the defaults): a checkpoint's level steering moves only those
+    # the explicit targets go to generate (it fills the defaults): a checkpoint's level steering moves only those
     requested = [dict(targets[i % len(targets)]) if targets else None for i in range(len(prompts))]
-    index = {g["id"]: i for i, g in enumerate(groups)}
+    groups = [{"id": f"{p['id']}#{i}", "system": p["system"], "turns": p["turns"],
+               "attributes": policy.resolve_attributes(requested[i])} for i, p in enumerate(prompts)]
+    jobs = [(g, k) for g in groups for k in range(n)]
     outputs = policy.generate([{"system": g["system"], "turns": g["turns"]} for g, _ in jobs],
-                              [requested[index[g["id"]]] for g, _ in jobs], do_sample=True, **generation)
+                              [requested[i] for i in range(len(groups)) for _ in range(n)], do_sample=True, **generation)
     for g in groups:
         g["responses"] = []
     for (g, _), out in zip(jobs, outputs):

@@ -10,7 +10,7 @@ level l then also steers the activations:
 with c the middle of the scale and g the gain (`gain`). Only attributes the request sets explicitly move
 the activations; the card's defaults are left to the attribute string alone. Why: at the embedded default's
 size the attribute string alone does not move sampled answers (docs/steerability.md rows 8-15), while the
-same vectors move them (rows 15-16). Off per call with `SteerableModel.generate(level_steering=False)`.
+same vectors move them (rows 16-18). Off per call with `SteerableModel.generate(level_steering=False)`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ LEVEL_DIR, LEVEL_JSON = "level_steering", "level_steering.json"
 class LevelSteering:
     vectors: AttributeVectors
     layer: int
-    gain: float = 2.0
+    gain: float = 1.0
     center: float = 2.0
     positions: str = "all"
 
