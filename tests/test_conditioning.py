@@ -64,13 +64,13 @@ def trained(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def strength(model_dir: Path, n: int = 60):
+def strength(model_dir: Path, n: int = 60, steering_of=None):
     card = read_card(str(model_dir))
     tok = load_tokenizer(str(model_dir))
     model = load_for_generation(str(model_dir))
     held_out = synthetic(n, seed=7)  # true labels: the known answer
     return measure(model, tok, SFTFormat.from_dict(card["format"]), get_schema("steerlm9"), held_out, ["humor"],
-                   device=torch.device("cpu"), n_boot=500)["attributes"]["humor"]
+                   device=torch.device("cpu"), n_boot=500, steering_of=steering_of)["attributes"]["humor"]
 
 
 def test_a_model_trained_on_true_labels_follows_the_attribute(trained):

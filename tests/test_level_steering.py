@@ -101,7 +101,7 @@ def steered_sft(tiny_model_dir, tmp_path_factory) -> Path:
 def test_sft_saves_level_steering_in_both_checkpoints(steered_sft, tmp_path):
     from steerlm.report import sft_section
 
-    assert "Level steering: the trained policy's own vectors for verbosity, helpfulness" in \
+    assert "Level steering: the policy's own vectors for verbosity, helpfulness" in \
         json.dumps(sft_section(steered_sft, tmp_path), default=str)
     summary = json.loads((steered_sft / "summary.json").read_text())["level_steering"]
     assert summary["attributes"] == ["verbosity", "helpfulness"] and summary["gain"] == 50.0

@@ -156,8 +156,11 @@ def sft_section(d: Path, out_dir: Path) -> list:
                     f"validation loss {s.get('validation_loss')}.")]
     ls = s.get("level_steering")
     if ls:
-        blocks.append(("p", f"Level steering: the trained policy's own vectors for {', '.join(ls['attributes'])} at layer "
-                            f"{ls['layer']}, saved in model/ ({ls.get('seconds')} s); a request's level l adds "
+        how = ("learned with the SFT loss (sft.level_steering.train; norms "
+               + ", ".join(f"{a} {n:.1f}" for a, n in ls.get("norms", {}).items()) + ")") if ls.get("trained") else \
+            f"built after training ({ls.get('seconds')} s)"
+        blocks.append(("p", f"Level steering: the policy's own vectors for {', '.join(ls['attributes'])} at layer "
+                            f"{ls['layer']}, {how}, saved in model/; a request's level l adds "
                             f"{ls['gain']:g} (l - {ls['center']:g}) v_a there, with the attribute string."))
     metrics = read_metrics(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []
     train = [(m["step"], m["train/loss"]) for m in metrics if "train/loss" in m]

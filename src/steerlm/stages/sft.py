@@ -55,6 +55,7 @@ from ..models.policy import apply_lora, load_causal_lm, make_card, save_policy
 from ..models.reward_model import load_tokenizer
 from ..sft_template import SFTFormat, encode_conversation
 from ..steering import levels
+from ..steering import trained_levels
 from .training import maybe_resume, prepare_run, run_distributed, save_state
 from . import sft_data as sd
 
@@ -86,6 +87,11 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         model = apply_lora(model, OmegaConf.to_container(cfg.model.lora, resolve=True))
     if strategy == "megatron":  # TP-sharded GPTModel; exported back to this HF model's layout
         model = megatron_policy(cfg, model, info)
+    val_ids = {c["id"] for c in data["val_conversations"]}
+    trained = trained_levels.setup_for_run(  # level_steering.train: V learned with the SFT loss (None: off)
+        cfg.get("level_steering"), level_data, model, tokenizer, fmt, schema, strategy=strategy,
+        contrast=float((cfg.get("contrast") or {}).get("weight", 0) or 0) > 0, skip_ids=val_ids,
+        max_length=int(cfg.max_length or 512), device=info.device)
     hf_model = model.hf_model if strategy == "megatron" else model
     model = te.wrap_model(model, strategy, info)
     if cfg.packing and strategy != "megatron":  # Megatron builds the block-diagonal mask itself (test_megatron_stages)
@@ -98,8 +104,12 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         n_trainable = trainable_parameters(model)
     else:
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = te.build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas),
+    optimizer = te.build_optimizer([p for p in model.parameters() if trained is None or p is not trained.weight],
+                                   cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas),
                                    distributed=strategy == "megatron" and bool(cfg.engine.get("distributed_optimizer", True)))
+    if trained is not None:  # its own learning rate, no weight decay (a decayed V shrinks toward "no steering")
+        optimizer.add_param_group({"params": [trained.weight], "lr": float(cfg.level_steering.get("lr", 0.01)),
+                                   "weight_decay": 0.0})
     if hasattr(optimizer, "describe"):
         print0(optimizer.describe())
     train = data["train"]
@@ -118,7 +128,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     world, pad_id = info.world_size, tokenizer.pad_token_id
     # unpacked rows pad to the longest in a micro-batch: group similar lengths; packed rows need no grouping
     group_by_length = (not cfg.packing) if cfg.train.group_by_length is None else bool(cfg.train.group_by_length)
-    conditioning = ConditioningProbe(cfg, data, tokenizer, fmt, schema, info, amp_dtype, strategy)
+    conditioning = ConditioningProbe(cfg, data, tokenizer, fmt, schema, info, amp_dtype, strategy, trained)
     contrast = LabelContrast(cfg, train, tokenizer, fmt, schema, strategy, pad_id=tokenizer.pad_token_id)
     end_weight = float(cfg.get("end_of_turn_weight", 1.0))
     end_ids = end_of_turn_ids(fmt, tokenizer) if end_weight != 1.0 else None
@@ -131,6 +141,8 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     t_train = time.time()
     while step < total_steps:
         enc = sd.encode_epoch(train, fmt, tokenizer, schema, dropout=cfg.attribute_dropout, seed=cfg.seed, epoch=epoch)
+        offsets = None if trained is None else sd.level_offsets_epoch(
+            train, enc, trained.attributes, trained.center, dropout=cfg.attribute_dropout, seed=cfg.seed, epoch=epoch)
         contrast.start_epoch(epoch)
         lengths = [len(ids) for ids, _ in enc]
         batches = global_batches(lengths, G, seed=cfg.seed, epoch=epoch, group_by_length=group_by_length)
@@ -143,7 +155,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
             model.train()
             nll_sum, tokens, padded = 0.0, 0, 0
             weights = [1.0 if rows else 0.0 for rows in plan]  # empty micro-batch: a weight-0 repeat keeps collectives in step
-            micro = [make_batch(rows or [[gb[0]]], enc, cfg.packing, pad_id, info.device) for rows in plan]
+            micro = [make_batch(rows or [[gb[0]]], enc, cfg.packing, pad_id, info.device, offsets) for rows in plan]
             if getattr(model, "pipelined", False):  # Megatron PP: the 1F1B schedule runs the step's micro-batches
                 with te.autocast(info.device, amp_dtype):
                     nlls = model.pipeline_nll(micro, [w * world / n_targets for w in weights])
@@ -158,6 +170,8 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                                 nll, c_loss = contrast.micro_step(model, plan[j] or [[gb[0]]], batch, info.device)
                                 loss = nll / n_targets + contrast.weight * c_loss / max(n_contrast, 1)
                             else:
+                                if trained is not None:  # kept through backward: checkpointed layers recompute
+                                    trained.set_offsets(batch["level_offsets"])
                                 nll, _ = next_token_nll(model, batch, end_ids, end_weight)
                                 loss = nll / n_targets
                         (loss * weights[j] * world).backward()
@@ -182,14 +196,17 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                             "train/trained_tokens_per_s": n_targets / dt,
                             "train/packing_efficiency": tok_total / max(pad_total, 1),
                             "train/peak_mem_mb": te.peak_memory_mb(info.device), "train/epoch": epoch,
-                            **contrast.pop_metrics(info.device)}, step)
+                            **contrast.pop_metrics(info.device),
+                            **({f"train/level_vector_norm/{a}": n for a, n in trained.norms().items()}
+                               if trained is not None else {})}, step)
             bar.update(1)
             if cfg.train.save_every > 0 and step % cfg.train.save_every == 0 and step < total_steps:
                 save_state(run_dir, step, model, optimizer, scheduler, epoch=epoch, next_batch=b + 1,
                            n_batches=len(batches), info=info, keep_last=cfg.train.keep_checkpoints,
                            trainable_only=lora)
             if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps and data["val"]:
-                logger.log({"validation/loss": evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype)}, step)
+                logger.log({"validation/loss": evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype,
+                                                             trained)}, step)
                 conditioning.log(model, logger, step, totals["trained"])
             if step >= total_steps:
                 break
@@ -198,11 +215,13 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     train_time = time.time() - t_train
 
     # ===== Evaluation and export ==============================================================
-    val_loss = evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype)  # None: no held-out conversations
+    val_loss = evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype, trained)  # None: none held out
     if val_loss is not None:
         logger.log({"validation/loss": val_loss}, step)
     final_conditioning = conditioning.log(model, logger, step, totals["trained"])
     state = te.full_model_state(model)  # collective under FSDP2
+    if trained is not None:  # V ships as the checkpoint's level steering, never inside the HF weights
+        state = {k: v for k, v in state.items() if trained_levels.MODULE_NAME not in k}
     summary = {
         "steps": step, "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - t_start, 2),
         "tokens_per_s": round(totals["tokens"] / max(train_time, 1e-9), 1),
@@ -225,9 +244,16 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         written = save_policy(run_dir / "model", hf_model=hf_model, state=state, tokenizer=tokenizer,
                               schema=schema, card=card, lora=lora, base_path=str(cfg.model.path),
                               save_merged=lora and cfg.model.lora.save_merged, dtype=getattr(torch, cfg.model.dtype))
-        summary["level_steering"] = levels.save_for_run(
-            cfg.get("level_steering"), level_data, written, tokenizer, fmt, schema, device=info.device,
-            max_length=int(cfg.max_length or 512), skip_ids={c["id"] for c in data["val_conversations"]})
+        if trained is not None:
+            steering = trained.level_steering({"init": str(cfg.level_steering.get("init", "mean_difference")),
+                                               "steps": step, "trained_tokens": totals["trained"]})
+            for d in written:
+                steering.save(d)
+            summary["level_steering"] = {**steering.describe(), "trained": True, "norms": trained.norms()}
+        else:
+            summary["level_steering"] = levels.save_for_run(
+                cfg.get("level_steering"), level_data, written, tokenizer, fmt, schema, device=info.device,
+                max_length=int(cfg.max_length or 512), skip_ids=val_ids)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_text_atomic(run_dir / "validation.jsonl", "".join(
             json.dumps({k: c[k] for k in ("id", "group", "system", "source", "turns") if k in c}, ensure_ascii=False)
@@ -326,7 +352,7 @@ class ConditioningProbe:
     conversations, before training, every `eval_every` steps and at the end, logged against the trained tokens
     seen, so a run shows whether (and when) the attribute string starts to matter. torch engine only."""
 
-    def __init__(self, cfg, data, tokenizer, fmt, schema, info, amp_dtype, strategy):
+    def __init__(self, cfg, data, tokenizer, fmt, schema, info, amp_dtype, strategy, trained=None):
         c = cfg.eval.get("conditioning") or {}
         attrs = c.get("attributes")
         attrs = [a for a in data["steerable"] if a in (attrs if attrs is not None else data["steerable"])]
@@ -337,6 +363,7 @@ class ConditioningProbe:
         self.attrs, self.n, self.levels = attrs, int(c.get("n", 0) or 0), list(c.get("levels") or [0, 2, 4])
         self.args = (tokenizer, fmt, schema, data["val_conversations"])
         self.device, self.amp, self.max_length = info.device, amp_dtype, int(c.get("max_length") or cfg.max_length)
+        self.trained = trained  # level_steering.train: each level is scored under its level steering, as it trains
 
     def log(self, model, logger, step: int, trained_tokens: int) -> Optional[dict]:
         if not self.on:
@@ -344,8 +371,14 @@ class ConditioningProbe:
         from ..conditioning import measure
 
         tokenizer, fmt, schema, convs = self.args
+        steering_of = None
+        if self.trained is not None:
+            self.trained.set_offsets(None)  # the probe's own per-level steering instead of the labels' offsets
+            ls, moved = self.trained.level_steering(), {a for a, n in self.trained.norms().items() if n > 0}
+            steering_of = lambda a, v: ls.spec({a: v}) if a in moved else None  # noqa: E731  (init zeros: no-op)
         r = measure(te.unwrap(model), tokenizer, fmt, schema, convs, self.attrs, self.levels, device=self.device,
-                    n_max=self.n, amp_dtype=self.amp, max_length=self.max_length, n_boot=1000)
+                    n_max=self.n, amp_dtype=self.amp, max_length=self.max_length, n_boot=1000,
+                    steering_of=steering_of)
         te.reshard(model)
         metrics = {"conditioning/trained_tokens": trained_tokens, "conditioning/seconds": r["seconds"]}
         for a, m in r["attributes"].items():
@@ -419,11 +452,15 @@ def effective_pack_length(cfg: DictConfig) -> int:
     return max(int(cfg.pack_length or cfg.max_length), int(cfg.max_length))
 
 
-def make_batch(rows: list[list[int]], enc: list, packing: bool, pad_id: int, device: torch.device) -> dict:
+def make_batch(rows: list[list[int]], enc: list, packing: bool, pad_id: int, device: torch.device,
+               offsets: Optional[list] = None) -> dict:
+    """`offsets` (level_steering.train): each conversation's (T, A) level offsets, laid out as its tokens."""
     if packing:
         batch = collate_packed([[enc[i] for i in row] for row in rows], pad_id)
     else:
         batch = collate_padded([enc[row[0]] for row in rows], pad_id)
+    if offsets is not None:
+        batch["level_offsets"] = trained_levels.batch_offsets(rows, offsets, packing, batch["input_ids"].shape[1])
     batch["n_tokens"] = sum(len(enc[i][0]) for row in rows for i in row)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -449,20 +486,25 @@ def check_packing_support(model, device: torch.device, pad_id: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model, val: list, cfg: DictConfig, info: te.DistInfo, pad_id: int, amp_dtype) -> Optional[float]:
-    """Token-mean NLL of the held-out conversations (full label strings), sharded over ranks; None without any
-    (a NaN would make summary.json invalid JSON)."""
+def evaluate_loss(model, val: list, cfg: DictConfig, info: te.DistInfo, pad_id: int, amp_dtype,
+                  trained=None) -> Optional[float]:
+    """Token-mean NLL of the held-out conversations (full label strings; with trained level vectors, each under its
+    own labels' steering), sharded over ranks; None without any (a NaN would make summary.json invalid JSON)."""
     if not val:
         return None
     model.eval()
     enc = [(ex["ids"], ex["mask"]) for ex in val]
+    offsets = None if trained is None else sd.level_offsets_epoch(val, enc, trained.attributes, trained.center,
+                                                                  dropout=0.0, seed=0, epoch=0)
     lengths = [len(ids) for ids, _ in enc]
     order = sorted(range(len(val)), key=lambda i: -lengths[i])
     plan = sd.plan_step(order, lengths, packing=cfg.packing, pack_length=effective_pack_length(cfg),
                         world_size=info.world_size, micro_batch_size=cfg.train.micro_batch_size)[info.rank]
     nll_sum, n_sum = 0.0, 0
     for rows in plan:
-        batch = make_batch(rows or [[order[0]]], enc, cfg.packing, pad_id, info.device)
+        batch = make_batch(rows or [[order[0]]], enc, cfg.packing, pad_id, info.device, offsets)
+        if trained is not None:
+            trained.set_offsets(batch["level_offsets"])
         with te.autocast(info.device, amp_dtype):
             if getattr(model, "pipelined", False):
                 nll, n = model.pipeline_nll([batch], [0.0], forward_only=True)[0], int(batch["loss_mask"][:, 1:].sum())

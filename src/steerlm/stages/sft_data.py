@@ -118,6 +118,20 @@ def encode_epoch(examples: Sequence[dict], fmt: SFTFormat, tokenizer, schema: At
                                 dropout_labels(ex["turns"], dropout, seed, epoch, ex["id"])) for ex in examples]
 
 
+def level_offsets_epoch(examples: Sequence[dict], enc: Sequence[tuple], attributes: Sequence[str], center: float, *,
+                        dropout: float, seed: int, epoch: int) -> list:
+    """(T, A) level offsets ℓ − c of every example for one epoch (`level_steering.train`), from the same labels as
+    `encode_epoch`'s strings (attribute dropout included: a dropped attribute has no offset)."""
+    from ..steering.trained_levels import token_offsets
+
+    out = []
+    for ex, (_, mask) in zip(examples, enc):
+        labels = dropout_labels(ex["turns"], dropout, seed, epoch, ex["id"])
+        out.append(token_offsets(mask, [lab for t, lab in zip(ex["turns"], labels) if t["role"] == "assistant"],
+                                 attributes, center))
+    return out
+
+
 def contrast_epoch(examples: Sequence[dict], fmt: SFTFormat, tokenizer, schema: AttributeSchema, *,
                    attributes: Optional[Sequence[str]], dropout: float, seed: int, epoch: int,
                    other: str = "random") -> list[Optional[tuple[list[int], list[bool], str]]]:
