@@ -23,13 +23,30 @@ V, H, Q = "verbosity", "humor", "quality"
 def test_token_offsets_give_each_turn_its_own_level():
     # turn 1: tokens 0-4 (prompt 0-2, response 3-4); turn 2: tokens 5-9 (prompt 5-7, response 8-9)
     mask = [False, False, False, True, True, False, False, False, True, True]
-    out = token_offsets(mask, [{V: 4.0, H: 1.0}, {V: 0.0}], [V, H], center=2.0)
+    out = token_offsets(mask, [{V: 4.0, H: 1.0}, {V: 0.0}], [V, H], centers=[2.0, 2.0])
     assert out[:5].tolist() == [[2.0, -1.0]] * 5
     assert out[5:].tolist() == [[-2.0, 0.0]] * 5  # humor unlabeled in turn 2 (or dropped): no offset
-    single = token_offsets([False, True, True, False], [{V: 3.0}], [V], center=2.0)
+    single = token_offsets([False, True, True, False], [{V: 3.0}], [V], centers=[2.0])
     assert single.tolist() == [[1.0]] * 4  # the trailing token takes the last turn's level
     # spans that do not pair with the assistant turns: every token takes the last turn's labels
-    assert token_offsets(mask, [{V: 4.0}], [V], center=2.0).tolist() == [[2.0]] * 10
+    assert token_offsets(mask, [{V: 4.0}], [V], centers=[2.0]).tolist() == [[2.0]] * 10
+    assert token_offsets([False, True], [{H: 1.0}], [H], centers=[0.5]).tolist() == [[0.5]] * 2  # around c_a
+
+
+def test_train_mean_centres_and_their_level_steering(tmp_path):
+    from steerlm.steering.trained_levels import TrainedLevels, train_label_mean
+
+    ex = [{"turns": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "labels": {H: 0.0}}]},
+          {"turns": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "labels": {H: 3.0}}]},
+          {"turns": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "labels": None}]}]
+    assert train_label_mean(ex, H, 2.0) == 1.5 and train_label_mean(ex, V, 2.0) == 2.0  # unlabeled: the midpoint
+    t = TrainedLevels([V, H], 4, 0, [2.0, 1.5], torch.ones(2, 4))
+    ls = t.level_steering()
+    assert ls.spec({H: 1.5}) is None and ls.spec({V: 2.0}) is None  # each attribute's own centre moves nothing
+    assert ls.spec({H: 3.5}).layers[0].ops[0].scale == pytest.approx(2.0 * 2.0)  # (3.5 - 1.5) * |v| (|v| = 2)
+    ls.save(tmp_path)
+    back = LevelSteering.load(tmp_path)
+    assert back.center == {V: 2.0, H: 1.5} and back.spec({H: 1.5}) is None
 
 
 def test_batch_offsets_follow_the_token_layout():

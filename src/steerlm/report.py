@@ -159,9 +159,11 @@ def sft_section(d: Path, out_dir: Path) -> list:
         how = ("learned with the SFT loss (sft.level_steering.train; norms "
                + ", ".join(f"{a} {n:.1f}" for a, n in ls.get("norms", {}).items()) + ")") if ls.get("trained") else \
             f"built after training ({ls.get('seconds')} s)"
+        c = ls["center"]
+        center = f"c_a; c = {', '.join(f'{a} {v:.2f}' for a, v in c.items())}" if isinstance(c, dict) else f"{c:g}"
         blocks.append(("p", f"Level steering: the policy's own vectors for {', '.join(ls['attributes'])} at layer "
                             f"{ls['layer']}, {how}, saved in model/; a request's level l adds "
-                            f"{ls['gain']:g} (l - {ls['center']:g}) v_a there, with the attribute string."))
+                            f"{ls['gain']:g} (l - {center}) v_a there, with the attribute string."))
     metrics = read_metrics(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []
     train = [(m["step"], m["train/loss"]) for m in metrics if "train/loss" in m]
     val = [(m["step"], m["validation/loss"]) for m in metrics if "validation/loss" in m]

@@ -91,7 +91,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     trained = trained_levels.setup_for_run(  # level_steering.train: V learned with the SFT loss (None: off)
         cfg.get("level_steering"), level_data, model, tokenizer, fmt, schema, strategy=strategy,
         contrast=float((cfg.get("contrast") or {}).get("weight", 0) or 0) > 0, skip_ids=val_ids,
-        max_length=int(cfg.max_length or 512), device=info.device)
+        max_length=int(cfg.max_length or 512), device=info.device, train_examples=data["train"])
     hf_model = model.hf_model if strategy == "megatron" else model
     model = te.wrap_model(model, strategy, info)
     if cfg.packing and strategy != "megatron":  # Megatron builds the block-diagonal mask itself (test_megatron_stages)
@@ -142,7 +142,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     while step < total_steps:
         enc = sd.encode_epoch(train, fmt, tokenizer, schema, dropout=cfg.attribute_dropout, seed=cfg.seed, epoch=epoch)
         offsets = None if trained is None else sd.level_offsets_epoch(
-            train, enc, trained.attributes, trained.center, dropout=cfg.attribute_dropout, seed=cfg.seed, epoch=epoch)
+            train, enc, trained.attributes, trained.centers, dropout=cfg.attribute_dropout, seed=cfg.seed, epoch=epoch)
         contrast.start_epoch(epoch)
         lengths = [len(ids) for ids, _ in enc]
         batches = global_batches(lengths, G, seed=cfg.seed, epoch=epoch, group_by_length=group_by_length)
@@ -494,7 +494,7 @@ def evaluate_loss(model, val: list, cfg: DictConfig, info: te.DistInfo, pad_id: 
         return None
     model.eval()
     enc = [(ex["ids"], ex["mask"]) for ex in val]
-    offsets = None if trained is None else sd.level_offsets_epoch(val, enc, trained.attributes, trained.center,
+    offsets = None if trained is None else sd.level_offsets_epoch(val, enc, trained.attributes, trained.centers,
                                                                   dropout=0.0, seed=0, epoch=0)
     lengths = [len(ids) for ids, _ in enc]
     order = sorted(range(len(val)), key=lambda i: -lengths[i])

@@ -118,7 +118,7 @@ def encode_epoch(examples: Sequence[dict], fmt: SFTFormat, tokenizer, schema: At
                                 dropout_labels(ex["turns"], dropout, seed, epoch, ex["id"])) for ex in examples]
 
 
-def level_offsets_epoch(examples: Sequence[dict], enc: Sequence[tuple], attributes: Sequence[str], center: float, *,
+def level_offsets_epoch(examples: Sequence[dict], enc: Sequence[tuple], attributes: Sequence[str], centers: Sequence[float], *,
                         dropout: float, seed: int, epoch: int) -> list:
     """(T, A) level offsets ℓ − c of every example for one epoch (`level_steering.train`), from the same labels as
     `encode_epoch`'s strings (attribute dropout included: a dropped attribute has no offset)."""
@@ -128,7 +128,7 @@ def level_offsets_epoch(examples: Sequence[dict], enc: Sequence[tuple], attribut
     for ex, (_, mask) in zip(examples, enc):
         labels = dropout_labels(ex["turns"], dropout, seed, epoch, ex["id"])
         out.append(token_offsets(mask, [lab for t, lab in zip(ex["turns"], labels) if t["role"] == "assistant"],
-                                 attributes, center))
+                                 attributes, centers))
     return out
 
 

@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 from ..errors import ConfigError
 from .ops import Add, LayerSpec, SteeringSpec
@@ -33,7 +33,7 @@ class LevelSteering:
     vectors: AttributeVectors
     layer: int
     gain: float = 1.0
-    center: float = 2.0
+    center: Union[float, dict] = 2.0  # c, or c_a per attribute (trained vectors: each attribute's training mean)
     positions: str = "all"
 
     def __post_init__(self):
@@ -41,6 +41,9 @@ class LevelSteering:
         for a, by_layer in self.vectors.vectors.items():
             if self.layer not in by_layer:
                 raise ConfigError(f"level steering: no {a} vector at layer {self.layer}")
+
+    def center_of(self, attribute: str) -> float:
+        return float(self.center[attribute] if isinstance(self.center, dict) else self.center)
 
     @property
     def attributes(self) -> list[str]:
@@ -50,11 +53,11 @@ class LevelSteering:
         """The spec for one request's explicit attribute levels (None: nothing to steer). Specs are cached by
         their levels, so a batch of rows shares a handful of spec objects (the hooks loop over distinct specs)."""
         moves = tuple(sorted((a, float(v)) for a, v in (requested or {}).items()
-                             if v is not None and a in self.vectors.vectors and float(v) != self.center))
+                             if v is not None and a in self.vectors.vectors and float(v) != self.center_of(a)))
         if not moves:
             return None
         if moves not in self._cache:
-            ops = [Add.from_unnormalized(self.vectors.vectors[a][self.layer], self.gain * (v - self.center))
+            ops = [Add.from_unnormalized(self.vectors.vectors[a][self.layer], self.gain * (v - self.center_of(a)))
                    for a, v in moves]
             self._cache[moves] = SteeringSpec({self.layer: LayerSpec(ops)}, self.positions)
         return self._cache[moves]
@@ -85,7 +88,9 @@ class LevelSteering:
         if missing:
             raise ConfigError(f"{path}: {LEVEL_JSON} names {missing}, which have no vectors there")
         vectors.vectors = {a: vectors.vectors[a] for a in desc["attributes"]}  # the saved order (safetensors sorts)
-        return cls(vectors, int(desc["layer"]), float(desc["gain"]), float(desc["center"]),
+        center = desc["center"]
+        center = {a: float(c) for a, c in center.items()} if isinstance(center, dict) else float(center)
+        return cls(vectors, int(desc["layer"]), float(desc["gain"]), center,
                    str(desc.get("positions", "all")))
 
 

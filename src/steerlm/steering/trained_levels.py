@@ -8,7 +8,10 @@ conditioning strength reversed for verbosity). Here V = (v_a) is a parameter of 
     L = (1 / N_B) · Σ_c Σ_{t ∈ trained(c)} −log p_θ,V(x_t | x_<t, c's label strings; h_ℓ + Σ_a (ℓ_{c,a} − c) v_a)
 
 where ℓ_{c,a} is the label of the turn that token t belongs to (0 offset for an attribute the turn lacks or that
-attribute dropout removed). Maximum likelihood under the level is exactly what conditioning strength measures,
+attribute dropout removed) and c_a the centre (`center`): the scale's midpoint, or the attribute's mean label over
+the training turns (`train_mean`). Why the mean: OASST's humor labels are mostly 0, so around the midpoint nearly
+every token has offset −2 and v_a also learns a bias ("typical text is likelier at low levels"); around the mean
+the offsets average 0 and v_a carries only what the label adds. Maximum likelihood under the level is exactly what conditioning strength measures,
 and inference applies the same shift (gain 1, every position), so train and test see one model.
 
 V starts at the mean difference of the base model's activations (`init: mean_difference`) or at 0, and has its own
@@ -33,10 +36,10 @@ MODULE_NAME = "steerlm_level_vectors"
 class TrainedLevels(nn.Module):
     """V (A, H) at decoder layer `layer`; `set_offsets` gives the (B, T, A) level offsets ℓ − c of the next forward."""
 
-    def __init__(self, attributes: Sequence[str], hidden: int, layer: int, center: float,
+    def __init__(self, attributes: Sequence[str], hidden: int, layer: int, centers: Sequence[float],
                  init: Optional[torch.Tensor] = None):
         super().__init__()
-        self.attributes, self.layer, self.center = list(attributes), int(layer), float(center)
+        self.attributes, self.layer, self.centers = list(attributes), int(layer), [float(c) for c in centers]
         self.weight = nn.Parameter(torch.zeros(len(self.attributes), hidden) if init is None
                                    else init.detach().float().clone())
         self.offsets: Optional[torch.Tensor] = None
@@ -64,15 +67,15 @@ class TrainedLevels(nn.Module):
         w = self.weight.detach().float().cpu()
         vectors = AttributeVectors({a: {self.layer: w[k].clone()} for k, a in enumerate(self.attributes)},
                                    {"method": "trained with the SFT loss (sft.level_steering.train)", **(meta or {})})
-        return LevelSteering(vectors, self.layer, 1.0, self.center, "all")
+        return LevelSteering(vectors, self.layer, 1.0, dict(zip(self.attributes, self.centers)), "all")
 
     def norms(self) -> dict[str, float]:
         return {a: float(self.weight[k].detach().norm()) for k, a in enumerate(self.attributes)}
 
 
 def token_offsets(mask: Sequence[bool], turn_labels: Sequence[Optional[Mapping]], attributes: Sequence[str],
-                  center: float) -> torch.Tensor:
-    """(T, A) offsets ℓ − c for one encoded conversation. `turn_labels`: the labels of its assistant turns in order
+                  centers: Sequence[float]) -> torch.Tensor:
+    """(T, A) offsets ℓ_a − c_a for one encoded conversation. `turn_labels`: the labels of its assistant turns in order
     (after attribute dropout). Token t takes the labels of the assistant turn it leads up to or belongs to: turn k
     owns the tokens after turn k−1's trained span through the end of its own trained span (its user message, its
     attribute string, its response), so a single-turn prompt is shifted by its own level everywhere, as at
@@ -80,7 +83,7 @@ def token_offsets(mask: Sequence[bool], turn_labels: Sequence[Optional[Mapping]]
     turn's labels."""
     T, A = len(mask), len(attributes)
     out = torch.zeros(T, A)
-    rows = [[float(lab[a]) - center if lab and lab.get(a) is not None else 0.0 for a in attributes]
+    rows = [[float(lab[a]) - c if lab and lab.get(a) is not None else 0.0 for a, c in zip(attributes, centers)]
             for lab in turn_labels]
     if not rows:
         return out
@@ -108,8 +111,15 @@ def batch_offsets(rows: list[list[int]], offsets: Sequence[torch.Tensor], packin
     return out
 
 
+def train_label_mean(examples: Sequence[dict], attribute: str, default: float) -> float:
+    """Mean label of `attribute` over the labeled assistant turns of the training examples (default: none)."""
+    values = [float(t["labels"][attribute]) for ex in examples for t in ex["turns"]
+              if t["role"] == "assistant" and t.get("labels") and t["labels"].get(attribute) is not None]
+    return sum(values) / len(values) if values else default
+
+
 def setup_for_run(block, labeled: Optional[str], model: nn.Module, tokenizer, fmt, schema, *, strategy: str,
-                  contrast: bool, skip_ids, max_length: int, device) -> Optional[TrainedLevels]:
+                  contrast: bool, skip_ids, max_length: int, device, train_examples=()) -> Optional[TrainedLevels]:
     """`level_steering.train`: V initialised (`init`) and attached to `model` (LoRA already applied, not yet wrapped).
     None when level steering is off or not trained."""
     from ..engines.torch_engine import decoder_layers
@@ -130,7 +140,14 @@ def setup_for_run(block, labeled: Optional[str], model: nn.Module, tokenizer, fm
     layer = n_layers // 2 if block.get("layer") is None else int(block.get("layer"))
     if not 0 <= layer < n_layers:
         raise ConfigError(f"level_steering.layer {layer}: the model has decoder layers 0..{n_layers - 1}")
-    center = (schema.scale_min + schema.scale_max) / 2
+    midpoint = (schema.scale_min + schema.scale_max) / 2
+    center = str(block.get("center", "midpoint"))
+    if center == "midpoint":
+        centers = [midpoint] * len(attributes)
+    elif center == "train_mean":  # a skewed label centred at the midpoint would make v_a a bias (see the module doc)
+        centers = [train_label_mean(train_examples, a, midpoint) for a in attributes]
+    else:
+        raise ConfigError(f"level_steering.center={center!r}: midpoint or train_mean")
     hidden = int(model.config.hidden_size)
     init = str(block.get("init", "mean_difference"))
     weight = None
@@ -143,6 +160,6 @@ def setup_for_run(block, labeled: Optional[str], model: nn.Module, tokenizer, fm
         weight = torch.stack([built.gain * built.vectors.vectors[a][layer] for a in attributes])
     elif init != "zeros":
         raise ConfigError(f"level_steering.init={init!r}: mean_difference or zeros")
-    trained = TrainedLevels(attributes, hidden, layer, center, weight)
+    trained = TrainedLevels(attributes, hidden, layer, centers, weight)
     trained.attach(model)
     return trained
