@@ -127,3 +127,17 @@ def test_refusals(tiny_model_dir, tmp_path, hs2_labeled, extra, fragment):
         tiny_model_dir, tmp_path / "sft", f"data.train=[{{format: canonical, path: {hs2_labeled}}}]",
         "level_steering.attributes=[verbosity]", "level_steering.train=true", *extra), check=False)
     assert_one_error(proc.returncode, proc.stderr, "level_steering.train", fragment)
+
+
+def test_ddp_learns_the_same_vectors_as_one_process(tiny_model_dir, tmp_path, hs2_labeled):
+    """V is a parameter of the wrapped model: DDP averages its gradient like LoRA's (the global-batch loss makes
+    the step the same at any world size)."""
+    common = (f"data.train=[{{format: canonical, path: {hs2_labeled}}}]", "level_steering.attributes=[verbosity]",
+              "level_steering.train=true", "level_steering.max_per_side=8")
+    run_recipe("train_sft", *tiny_sft_overrides(tiny_model_dir, tmp_path / "one", *common))
+    run_recipe("train_sft", *tiny_sft_overrides(tiny_model_dir, tmp_path / "two", *common, "engine.strategy=ddp"),
+               torchrun=2)
+    one, two = (LevelSteering.load(tmp_path / d / "model") for d in ("one", "two"))
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+    v1, v2 = one.vectors.vectors[V][one.layer], two.vectors.vectors[V][two.layer]
+    assert v1.norm() > 0 and torch.allclose(v1, v2, atol=1e-6)  # measured: max |difference| 1.9e-9
