@@ -88,9 +88,10 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     if strategy == "megatron":  # TP-sharded GPTModel; exported back to this HF model's layout
         model = megatron_policy(cfg, model, info)
     val_ids = {c["id"] for c in data["val_conversations"]}
+    contrast = LabelContrast(cfg, data["train"], tokenizer, fmt, schema, strategy, pad_id=tokenizer.pad_token_id)
     trained = trained_levels.setup_for_run(  # level_steering.train: V learned with the SFT loss (None: off)
         cfg.get("level_steering"), level_data, model, tokenizer, fmt, schema, strategy=strategy,
-        contrast=float((cfg.get("contrast") or {}).get("weight", 0) or 0) > 0, skip_ids=val_ids,
+        contrast=contrast.on, skip_ids=val_ids,
         max_length=int(cfg.max_length or 512), device=info.device, train_examples=data["train"])
     hf_model = model.hf_model if strategy == "megatron" else model
     model = te.wrap_model(model, strategy, info)
@@ -129,7 +130,6 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     # unpacked rows pad to the longest in a micro-batch: group similar lengths; packed rows need no grouping
     group_by_length = (not cfg.packing) if cfg.train.group_by_length is None else bool(cfg.train.group_by_length)
     conditioning = ConditioningProbe(cfg, data, tokenizer, fmt, schema, info, amp_dtype, strategy, trained)
-    contrast = LabelContrast(cfg, train, tokenizer, fmt, schema, strategy, pad_id=tokenizer.pad_token_id)
     end_weight = float(cfg.get("end_of_turn_weight", 1.0))
     end_ids = end_of_turn_ids(fmt, tokenizer) if end_weight != 1.0 else None
     if end_weight != 1.0 and (strategy == "megatron" or contrast.on):
