@@ -3,21 +3,12 @@
     python recipes/build_steering_vectors.py                     # verbosity, every layer of runs/sft/model
     python recipes/build_steering_vectors.py 'attributes=[verbosity,humor]' 'layers=[15,20]'
 
-The stage itself lives in steerlm.stages.steering_vectors; this file only wires Hydra to it.
+This file is an alias of `steerlm build-steering-vectors` (steerlm.cli), kept for checkouts and slurm/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from steerlm import cli
-from steerlm.stages import steering_vectors
-
-
-@hydra.main(config_path="../conf", config_name="steering_vectors", version_base="1.3")
-@cli.stage_entry
-def main(cfg: DictConfig) -> None:
-    steering_vectors.run(cfg)
-
+from steerlm.cli import run_command
 
 if __name__ == "__main__":
-    cli.main(main)
+    run_command("build-steering-vectors", sys.argv[1:])

@@ -3,21 +3,12 @@
     python recipes/compare_steering.py                           # verbosity, runs/sft/model, runs/steering/vectors
     python recipes/compare_steering.py layer=20 'coefficients=[-4,-2,0,2,4]' positions=generated
 
-The stage itself lives in steerlm.stages.steer_compare; this file only wires Hydra to it.
+This file is an alias of `steerlm compare-steering` (steerlm.cli), kept for checkouts and slurm/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from steerlm import cli
-from steerlm.stages import steer_compare
-
-
-@hydra.main(config_path="../conf", config_name="compare_steering", version_base="1.3")
-@cli.stage_entry
-def main(cfg: DictConfig) -> None:
-    steer_compare.run(cfg)
-
+from steerlm.cli import run_command
 
 if __name__ == "__main__":
-    cli.main(main)
+    run_command("compare-steering", sys.argv[1:])

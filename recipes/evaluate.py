@@ -3,21 +3,12 @@
     python recipes/evaluate.py                                   # runs/sft/model rated by runs/reward/model
     python recipes/evaluate.py 'attributes=[verbosity]' n_prompts=32
 
-The stage itself lives in steerlm.stages.evaluate; this file only wires Hydra to it.
+This file is an alias of `steerlm evaluate` (steerlm.cli), kept for checkouts and slurm/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from steerlm import cli
-from steerlm.stages import evaluate
-
-
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
-@cli.stage_entry
-def main(cfg: DictConfig) -> None:
-    evaluate.run(cfg)
-
+from steerlm.cli import run_command
 
 if __name__ == "__main__":
-    cli.main(main)
+    run_command("evaluate", sys.argv[1:])

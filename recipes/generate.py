@@ -5,20 +5,13 @@
 
 The stage itself lives in steerlm.stages.generate (also the Python API: SteerableModel); this file only
 wires Hydra to it.
+
+This file is an alias of `steerlm generate` (steerlm.cli), kept for checkouts and slurm/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from steerlm import cli
-from steerlm.stages import generate
-
-
-@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
-@cli.stage_entry
-def main(cfg: DictConfig) -> None:
-    generate.run(cfg)
-
+from steerlm.cli import run_command
 
 if __name__ == "__main__":
-    cli.main(main)
+    run_command("generate", sys.argv[1:])

@@ -4,21 +4,12 @@
     torchrun --nproc_per_node 2 recipes/label.py              # sharded; byte-identical output
     python recipes/label.py output_format=parquet overwrite=true
 
-The stage itself lives in steerlm.stages.label; this file only wires Hydra to it.
+This file is an alias of `steerlm label` (steerlm.cli), kept for checkouts and slurm/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from steerlm import cli
-from steerlm.stages import label
-
-
-@hydra.main(config_path="../conf", config_name="label", version_base="1.3")
-@cli.stage_entry
-def main(cfg: DictConfig) -> None:
-    label.run(cfg)
-
+from steerlm.cli import run_command
 
 if __name__ == "__main__":
-    cli.main(main)
+    run_command("label", sys.argv[1:])

@@ -3,21 +3,12 @@
     python recipes/serve.py                                       # runs/sft/model on 127.0.0.1:8000
     python recipes/serve.py vectors=runs/steering/vectors port=8080
 
-The server itself lives in steerlm.stages.serve; this file only wires Hydra to it.
+This file is an alias of `steerlm serve` (steerlm.cli), kept for checkouts and slurm/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from steerlm import cli
-from steerlm.stages import serve
-
-
-@hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
-@cli.stage_entry
-def main(cfg: DictConfig) -> None:
-    serve.run(cfg)
-
+from steerlm.cli import run_command
 
 if __name__ == "__main__":
-    cli.main(main)
+    run_command("serve", sys.argv[1:])

@@ -2,21 +2,12 @@
 
     python recipes/train_ppo.py                                   # CPU-sized: 8 steps x 8 prompts
 
-The stage lives in steerlm.stages.ppo (math: steerlm.ppo_math); this file only wires Hydra to it.
+This file is an alias of `steerlm train-ppo` (steerlm.cli), kept for checkouts and slurm/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from steerlm import cli
-from steerlm.stages import ppo
-
-
-@hydra.main(config_path="../conf", config_name="ppo", version_base="1.3")
-@cli.stage_entry
-def main(cfg: DictConfig) -> None:
-    ppo.run(cfg)
-
+from steerlm.cli import run_command
 
 if __name__ == "__main__":
-    cli.main(main)
+    run_command("train-ppo", sys.argv[1:])

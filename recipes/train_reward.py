@@ -4,21 +4,12 @@
     python recipes/train_reward.py model=tiny_llama train.epochs=1   # seconds, for smoke tests
     torchrun --nproc_per_node 2 recipes/train_reward.py engine.strategy=fsdp2 model.freeze_backbone=false
 
-The stage itself lives in steerlm.stages.reward; this file only wires Hydra to it.
+This file is an alias of `steerlm train-reward` (steerlm.cli), kept for checkouts and slurm/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from steerlm import cli
-from steerlm.stages import reward
-
-
-@hydra.main(config_path="../conf", config_name="reward", version_base="1.3")
-@cli.stage_entry
-def main(cfg: DictConfig) -> None:
-    reward.run(cfg)
-
+from steerlm.cli import run_command
 
 if __name__ == "__main__":
-    cli.main(main)
+    run_command("train-reward", sys.argv[1:])

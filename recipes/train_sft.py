@@ -4,21 +4,12 @@
     python recipes/train_sft.py model=tiny_llama train.max_steps=5  # seconds, for smoke tests
     torchrun --nproc_per_node 2 recipes/train_sft.py engine.strategy=fsdp2 model.lora.enabled=false
 
-The stage itself lives in steerlm.stages.sft; this file only wires Hydra to it.
+This file is an alias of `steerlm train-sft` (steerlm.cli), kept for checkouts and slurm/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from steerlm import cli
-from steerlm.stages import sft
-
-
-@hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
-@cli.stage_entry
-def main(cfg: DictConfig) -> None:
-    sft.run(cfg)
-
+from steerlm.cli import run_command
 
 if __name__ == "__main__":
-    cli.main(main)
+    run_command("train-sft", sys.argv[1:])

@@ -4,21 +4,12 @@
     python recipes/train_steerlm2.py iterations=2 n_samples=10 train.epochs=2
     python recipes/train_steerlm2.py data_file=my_steerlm2.jsonl  # NeMo-Aligner SteerLM2Dataset JSONL
 
-The stage lives in steerlm.stages.steerlm2 (math: steerlm.steerlm2_math); this file only wires Hydra to it.
+This file is an alias of `steerlm train-steerlm2` (steerlm.cli), kept for checkouts and slurm/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from steerlm import cli
-from steerlm.stages import steerlm2
-
-
-@hydra.main(config_path="../conf", config_name="steerlm2", version_base="1.3")
-@cli.stage_entry
-def main(cfg: DictConfig) -> None:
-    steerlm2.run(cfg)
-
+from steerlm.cli import run_command
 
 if __name__ == "__main__":
-    cli.main(main)
+    run_command("train-steerlm2", sys.argv[1:])

@@ -24,7 +24,7 @@ megatron_cpu.install()
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from steerlm.engines.megatron import model as mm  # noqa: E402
-from steerlm.engines.megatron.engine import finish_grads  # noqa: E402
+from steerlm.engines.megatron.grads import finish_grads  # noqa: E402
 
 
 def batch(vocab: int, seq: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

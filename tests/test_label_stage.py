@@ -36,6 +36,9 @@ OASST_SPEC = {"format": "oasst", "path": OASST, "max_rows": 200}
 INPUT = f"input=[{{format: oasst, path: {OASST}, max_rows: 200}}]"
 MAX_LENGTH = 1024
 CHUNK = 4
+# a score computed in another batch (other neighbours, other padding) differs by fp32 noise: up to 1.2e-4 measured
+# on a 0.02 score with OMP_NUM_THREADS=1 for the whole test process
+FP32_BATCH_NOISE = 2.5e-4
 COMMON = [INPUT, f"chunk_size={CHUNK}", f"max_length={MAX_LENGTH}"]
 HS2_DATA = "data.train=[{format: helpsteer2, path: data/helpsteer2/helpsteer2_train_first100.jsonl}]"
 NO_HINT = {"HYDRA_FULL_ERROR": "0"}
@@ -298,7 +301,7 @@ def test_over_length_truncate_left_scores_every_turn(rms, independent_runs, refe
         assert set(t["scores"]) == set(STEERLM9_ATTRIBUTES) and "label_status" not in t
         if (r["id"], k) not in expected:  # fits: same scores as under skip (other batch neighbours: fp32 noise)
             for a, v in t["scores"].items():
-                assert abs(v - ref[(r["id"], k)]["scores"][a]) < 1e-4
+                assert abs(v - ref[(r["id"], k)]["scores"][a]) < FP32_BATCH_NOISE
         elif checked < 3:  # the scores are those of the last max_length tokens of the full input
             from steerlm.templates import tokenize_rm_input
             full = tokenize_rm_input("nemo", scorer.tokenizer, r["system"], r["turns"][:k + 1])
@@ -450,7 +453,7 @@ def test_python_api_matches_the_cli(rms, reference, inputs):
             continue
         n += 1
         for a, v in t["scores"].items():
-            assert abs(v - want["scores"][a]) < 1e-4
+            assert abs(v - want["scores"][a]) < FP32_BATCH_NOISE
             if abs(v - math.floor(v) - 0.5) > 1e-3:  # not on a rounding edge
                 assert t["labels"][a] == want["labels"][a]
             assert t["labels"][a] == clip_round(v)  # labels are the clipped, rounded scores

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, SchemaMismatchError  # noqa: F401 -- re-exported
 
 SCHEMA_FILE = "attribute_schema.json"
 
@@ -26,10 +26,6 @@ HELPSTEER2_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity"
 # NeMo-Aligner's ALL_STEERLM_ATTRIBUTES (examples/nlp/data/steerlm/common.py): OASST's four, then
 # HelpSteer's five. Index 4 is helpfulness, which NeMo-Aligner's BT losses hard-code.
 STEERLM9_ATTRIBUTES = OASST_ATTRIBUTES + HELPSTEER2_ATTRIBUTES
-
-
-class SchemaMismatchError(ValueError):
-    """Two artefacts carry different attribute schemas."""
 
 
 @dataclass(frozen=True)

@@ -51,11 +51,13 @@ class OutputError(OSError):
         return self.strerror
 
 
+class SchemaMismatchError(ValueError):
+    """Two artefacts carry different attribute schemas (raised by steerlm.attributes)."""
+
+
 def user_message(exc: BaseException) -> Optional[str]:
     """The one-line message for a user mistake, or None when `exc` is a bug."""
     from omegaconf.errors import OmegaConfBaseException
-
-    from .attributes import SchemaMismatchError
 
     if isinstance(exc, (DataError, SchemaMismatchError, ConfigError, OutputError)):
         return str(exc)

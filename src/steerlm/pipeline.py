@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -40,8 +40,8 @@ from .engines import torch_engine as te
 from .errors import ConfigError
 from .locks import LOCK
 from .logging import print0
+from .stage_table import ORDER, RECORD, STAGES, read_record
 
-RECORD = "steerlm_stage.json"
 # Produced by a stage but not its result: training state, label's uncommitted parts, reward's feature cache.
 NOT_OUTPUTS = {"checkpoints", "parts", "cache", ".hydra", "wandb", RECORD, LOCK}
 # Keys that change how a stage runs, never what it writes: a change does not re-run the stage.
@@ -50,51 +50,6 @@ VOLATILE = ("resume", "overwrite", "logging", "train.log_every", "train.save_eve
             "batch_tokens", "chunk_size", "rm_batch_tokens", "eval.batch_size", "engine.device", "device")
 
 
-def _sources(key: str, specs) -> list[tuple[str, str]]:
-    return [(f"{key}[{i}].path", s["path"]) for i, s in enumerate(specs or [])]
-
-
-def _activation_labels(c: dict) -> list[tuple[str, str]]:
-    """The labeled turns the activation-steering baseline builds its vectors from (when that baseline runs)."""
-    b = c.get("baselines") or {}
-    return [("baselines.activation.labeled", b["activation"]["labeled"])] if "activation" in (b.get("methods") or []) else []
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    dir_key: str                                   # the stage config key of its output dir
-    inputs: Callable[[dict], list[tuple[str, str]]]  # stage config -> [(config key, path)] it reads
-    finished: tuple[str, ...]                      # files the stage writes last: all present = it finished
-    every_rank: bool                               # runs on every torchrun rank (else rank 0; the rest wait)
-    entry: str                                     # module with run(cfg)
-
-
-STAGES = {s.name: s for s in (
-    StageSpec("reward", "run_dir",
-              lambda c: [("model.path", c["model"]["path"])] + _sources("data.train", c["data"]["train"])
-              + _sources("data.pairs", c["data"].get("pairs")),
-              ("summary.json", "model/config.json"), True, "steerlm.stages.reward"),
-    StageSpec("label", "output_dir", lambda c: [("rm", c["rm"])] + _sources("input", c["input"]),
-              ("manifest.json",), True, "steerlm.stages.label"),
-    StageSpec("sft", "run_dir",
-              lambda c: [("model.path", c["model"]["path"])] + _sources("data.train", c["data"]["train"]),
-              ("summary.json", "model/steerlm_sft.json"), True, "steerlm.stages.sft"),
-    StageSpec("evaluate", "output_dir",
-              lambda c: [("model.path", c["model"]["path"]), ("rm", c["rm"])] + _sources("prompts", c["prompts"])
-              + _sources("conditioning.data", c["conditioning"]["data"]) + _activation_labels(c),
-              ("steerability.json",), False, "steerlm.stages.evaluate"),
-    StageSpec("steerlm2", "run_dir",
-              lambda c: [("policy", c["policy"]), ("rm", c["rm"])] + _sources("prompts", c["prompts"])
-              + [(k, v) for k, v in (("reference", c["reference"]), ("data_file", c["data_file"]),
-                                     ("eval.before", c["eval"]["before"])) if v],
-              ("summary.json", "model/steerlm_sft.json"), False, "steerlm.stages.steerlm2"),
-    StageSpec("ppo", "run_dir",
-              lambda c: [("policy", c["policy"]), ("rm", c["rm"])] + _sources("prompts", c["prompts"])
-              + ([("reward.standardize_from", c["reward"]["standardize_from"])] if c["reward"]["standardize_from"] else []),
-              ("summary.json", "model/steerlm_sft.json"), False, "steerlm.stages.ppo"),
-)}
-ORDER = tuple(STAGES)
 
 
 @dataclass
@@ -151,16 +106,6 @@ def fingerprint_config(config: dict) -> dict:
 
 
 # ===== planning ==================================================================================
-def read_record(stage_dir: Path) -> Optional[dict]:
-    path = stage_dir / RECORD
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: unreadable stage record ({e}); move the file away to re-run the stage") from e
-
-
 def stage_configs(cfg: DictConfig) -> dict[str, dict]:
     """Each stage's resolved config (the `hydra` node a nested stage config brings along is dropped)."""
     out = {}
@@ -368,7 +313,7 @@ def run(cfg: DictConfig) -> list[dict]:
             if aside is not None:
                 shutil.rmtree(aside[1], ignore_errors=True)
         if info.is_main:
-            from .report import write_report  # imports this module
+            from .report import write_report  # lazy: the report pulls in matplotlib
 
             report = write_report(cfg.run_dir, configs_dirs, results, examples=cfg.report.examples,
                                   max_chars=cfg.report.max_chars)

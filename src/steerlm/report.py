@@ -19,7 +19,7 @@ from typing import Optional
 from .attributes import AttributeSchema
 from .checkpoint import write_text_atomic
 from .logging import read_metrics
-from .pipeline import ORDER, RECORD, read_record
+from .stage_table import ORDER, RECORD, read_record
 from .report_render import plot_distributions, plot_intervals, plot_loss_curve, plot_panels, to_html, to_markdown
 from .steerability import format_ci
 

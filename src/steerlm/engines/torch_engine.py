@@ -205,11 +205,10 @@ def grad_sync_context(model: nn.Module, strategy: str, sync: bool):
 
 @contextlib.contextmanager
 def _sync_megatron_grads_after(model: nn.Module):
-    """engine=megatron: TP partial sums and the data-parallel average after the step's last backward."""
-    from .megatron.engine import finish_grads
-
+    """engine=megatron: TP partial sums and the data-parallel average after the step's last backward (the
+    model's own `finish_grads`, engines.megatron.model.MegatronWrapper)."""
     yield
-    finish_grads(model)
+    model.finish_grads()
 
 
 def build_optimizer(params: Iterable[nn.Parameter], lr: float, weight_decay: float,
@@ -246,10 +245,8 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    if getattr(model, "is_megatron", False):  # TP shards: the norm needs every rank's part
-        from .megatron.engine import clip_grad_norm as megatron_clip
-
-        return megatron_clip(model, max_norm)
+    if getattr(model, "is_megatron", False):  # TP shards: the norm needs every rank's part (MegatronWrapper's own)
+        return model.clip_grad_norm(max_norm)
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0

@@ -100,7 +100,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     logger = MetricLogger(run_dir, is_main=info.is_main, wandb_cfg=cfg.logging.wandb,
                           config=OmegaConf.to_container(cfg, resolve=True))
     if strategy == "megatron":  # every TP shard and pipeline stage, once
-        from ..engines.megatron.engine import trainable_parameters
+        from ..engines.megatron.grads import trainable_parameters
 
         n_trainable = trainable_parameters(model)
     else:

@@ -78,7 +78,7 @@ class MegatronCausalLM(MegatronWrapper):
 
     def finish_grads(self) -> None:
         """After a pipelined backward: what DDP's hooks do on the PP=1 path, plus the tied-embedding sum."""
-        from .engine import finish_grads
+        from .grads import finish_grads
 
         finish_grads(self)
 

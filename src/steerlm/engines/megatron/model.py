@@ -234,6 +234,19 @@ class MegatronWrapper(torch.nn.Module):
         """The HF state dict on global rank 0 ({} elsewhere); collective."""
         return gather_hf_state(self.gpt) or {}
 
+    # the torch engine's step calls these on a model that shards itself (it never imports this package)
+    def finish_grads(self) -> None:
+        """After the step's last backward: tied-embedding, tensor-parallel and data-parallel gradient sums."""
+        from .grads import finish_grads
+
+        finish_grads(self)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """The global gradient norm over every shard, then clip (max_norm <= 0 only measures)."""
+        from .grads import clip_grad_norm
+
+        return clip_grad_norm(self, max_norm)
+
 
 def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)

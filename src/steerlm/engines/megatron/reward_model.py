@@ -96,7 +96,7 @@ class MegatronRewardModel(MegatronWrapper):
         return tensor
 
     def finish_grads(self) -> None:
-        from .engine import finish_grads
+        from .grads import finish_grads
 
         finish_grads(self)
 
