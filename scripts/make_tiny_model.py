@@ -36,7 +36,10 @@ def corpus(limit: int = 3000):
 
 
 def make_tiny_model(out_dir: str | Path, *, vocab_size: int = 512, hidden: int = 64, layers: int = 2,
-                    heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
+                    heads: int = 4, kv_heads: int = 2, seed: int = 0, intermediate: int | None = None,
+                    pad_vocab_to: int | None = None) -> Path:
+    """`intermediate` defaults to 2 x hidden; `pad_vocab_to` sizes the embedding past the tokenizer (rows never
+    looked up), so a larger random model (scripts/gpu_check.py) has a realistic embedding and LM head."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -51,7 +54,8 @@ def make_tiny_model(out_dir: str | Path, *, vocab_size: int = 512, hidden: int =
                                      bos_token="<|endoftext|>", unk_token=None)
     hf_tok.chat_template = CHATML
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(hf_tok), hidden_size=hidden, intermediate_size=hidden * 2,
+    config = LlamaConfig(vocab_size=max(len(hf_tok), pad_vocab_to or 0), hidden_size=hidden,
+                         intermediate_size=intermediate or hidden * 2,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=4096, pad_token_id=hf_tok.pad_token_id,
                          eos_token_id=hf_tok.eos_token_id, bos_token_id=hf_tok.bos_token_id,
