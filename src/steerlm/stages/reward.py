@@ -194,7 +194,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     model_state = te.full_model_state(model)
     summary = {
         "steps": step, "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - t_start, 2),
-        "train_tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
+        "train_tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1), "train_tokens": tokens_seen,
         "feature_tokens_per_s": forward.cache.tokens_per_s if forward.cache else None,
         "peak_mem_mb": round(te.peak_memory_mb(info.device), 1), "world_size": info.world_size,
         "tensor_parallel": getattr(info, "tp", 1), "pipeline_parallel": getattr(info, "pp", 1),
