@@ -17,8 +17,8 @@ of the same conversations, with the same objective and optimizer:
   into rows of <= max_length, one row per forward, loss only at trained positions), steps timed
   from its metrics.jsonl. Its step order (`global_batches`) is recomputed here; TRL's padded run
   is fed the same conversations per step (sequential sampler), so step 1 trains on the same batch.
-- trl (padded): SFTTrainer without packing, `per_device_train_batch_size` = --trl-micro-batch
-  (1: no padding at all), gradient accumulation up to the same conversations per step.
+- trl (padded): SFTTrainer without packing, `per_device_train_batch_size` swept over --trl-micro-batches
+  (1, 2, 4; 1: no padding at all), gradient accumulation up to the same conversations per step.
 - trl (packed): SFTTrainer packing=True (BFD over the same conversations, which makes it
   padding-free: one row of <= max_length per forward, position ids restarting per conversation),
   with ceil(rows / steps) rows per step (the same conversations in the same number of steps; the
@@ -35,13 +35,14 @@ of the same conversations, with the same objective and optimizer:
   `num_items_in_batch`), so the step-1 losses (same batch, same init: LoRA B = 0) must agree; the
   script checks it and fails otherwise.
 
-How it is measured (as scripts/bench_reward.py): each side in its own subprocess, sides alternate
-(--rounds; the least-disturbed run of each side is kept). Step time = interval between
+How it is measured (as scripts/bench_reward.py): each side in its own subprocess, sides interleaved over
+--rounds (2 by default, the order reversed every other round; the least-disturbed run of each side is kept). Step time = interval between
 consecutive step ends, so collation, forward, backward, clip, AdamW and logging are inside. Step 1
 (warm-up) is excluded: tok/s = non-pad tokens of steps 2..N / their seconds. Packing efficiency =
 non-pad tokens / computed tokens (rows x padded row length). Peak memory = peak RSS of the side's
 process. Other processes' CPU use during each run is printed. Last line:
-`RESULT speedup_vs_trl=<steerlm tok/s / best correct TRL row's tok/s> target=1.5` (first precision).
+`RESULT speedup_vs_trl=<steerlm tok/s / best correct TRL setting's tok/s> target=1.5` (first precision); the
+ratio against every TRL setting is printed above it.
 """
 
 from __future__ import annotations
@@ -250,12 +251,13 @@ def run_steerlm(ovr: list[str], precision: str, run_dir: Path, env: dict, counts
             "settings": "recipes/train_sft.py packing=true train.micro_batch_size=1 (one packed row per forward)"}
 
 
-def run_trl(args, mode: str, precision: str, model_path: str, examples: list[dict], tmp: str, env: dict) -> dict:
-    name = "trl (packed)" if mode == "packed" else f"trl (padded, mb={args.trl_micro_batch})"
+def run_trl(args, mode: str, precision: str, model_path: str, examples: list[dict], tmp: str, env: dict,
+            micro_batch: int = 1) -> dict:
+    name = "trl (packed)" if mode == "packed" else f"trl (padded, mb={micro_batch})"
     spec = {"name": name, "mode": mode, "precision": precision, "model_path": model_path, "examples": examples,
             "steps": args.steps, "conversations_per_step": args.conversations_per_step, "max_length": args.max_length,
-            "micro_batch": args.trl_micro_batch, "out": str(Path(tmp) / f"trl_{mode}")}
-    spec_path = Path(tmp) / f"trl_{mode}.json"
+            "micro_batch": micro_batch, "out": str(Path(tmp) / f"trl_{mode}_{micro_batch}")}
+    spec_path = Path(tmp) / f"trl_{mode}_{micro_batch}.json"
     spec_path.write_text(json.dumps(spec))
     out, cores, others = run_child([sys.executable, __file__, "--trl-worker", str(spec_path),
                                     "--threads", str(args.threads)], env, name)
@@ -280,8 +282,10 @@ def bench_precision(args, precision: str, model_path: str, tmp: str, env: dict) 
     examples = [{"input_ids": enc[i][0], "assistant_masks": [int(m) for m in enc[i][1]]} for i in order]
     print(f"\n[{precision}] {args.steps} steps x {args.conversations_per_step} conversations (<= {args.max_length} "
           f"tokens), {sum(c['tokens'] for c in counts)} tokens, {sum(c['trained'] for c in counts)} trained", flush=True)
+    micros = [int(m) for m in args.trl_micro_batches.split(",")]
     sides = {"steerlm": lambda: run_steerlm(ovr, precision, run_dir, env, counts),
-             "trl_padded": lambda: run_trl(args, "padded", precision, model_path, examples, tmp, env)}
+             **{f"trl_padded_{m}": (lambda m=m: run_trl(args, "padded", precision, model_path, examples, tmp, env, m))
+                for m in micros}}
     if not args.no_trl_packing:
         sides["trl_packed"] = lambda: run_trl(args, "packed", precision, model_path, examples, tmp, env)
     best: dict[str, dict] = {}
@@ -300,10 +304,11 @@ def bench_precision(args, precision: str, model_path: str, tmp: str, env: dict) 
         print(f"  {r['trainer']} per step (non-pad/computed/trained tokens, forwards, seconds): {steps}")
         print(f"    {r['settings']}; losses {[round(x, 4) for x in r['losses']]}; its process kept {r['cores']} cores "
               f"busy, other processes {r['others']} cores")
-    steer, padded = best["steerlm"], best["trl_padded"]
-    same = [(c["tokens"], c["trained"]) for c in steer["step_counts"]] == [(c["tokens"], c["trained"]) for c in
-                                                                             padded["step_counts"]]
-    assert same, "steerlm and trl (padded) trained on different tokens per step"
+    steer, padded = best["steerlm"], best[f"trl_padded_{micros[0]}"]
+    for m in micros:  # the same token counting: every padded TRL run trains the same tokens per step as steerlm
+        same = [(c["tokens"], c["trained"]) for c in steer["step_counts"]] == [
+            (c["tokens"], c["trained"]) for c in best[f"trl_padded_{m}"]["step_counts"]]
+        assert same, f"steerlm and trl (padded, mb={m}) trained on different tokens per step"
     tol = 2e-2 if precision == "bf16" else 1e-3
     rel = abs(steer["losses"][0] - padded["losses"][0]) / abs(padded["losses"][0])
     print(f"  step-1 loss (same batch, same init): steerlm {steer['losses'][0]:.5f}, trl {padded['losses'][0]:.5f}, "
@@ -312,7 +317,7 @@ def bench_precision(args, precision: str, model_path: str, tmp: str, env: dict) 
         sys.exit("FAIL: the two sides do not compute the same objective at step 1")
     if any(r["compute_dtype"] != precision for r in rows):
         sys.exit(f"FAIL: a TRL run did not compute in {precision} (its linear layers' output dtype)")
-    peers = [padded]
+    peers = [best[f"trl_padded_{m}"] for m in micros]
     if "trl_packed" in best:
         probe = best["trl_packed"]["packing_probe"]
         print(f"  trl packing probe (sdpa; a packed row of {probe['conversations']} conversations; inputs "
@@ -321,7 +326,9 @@ def bench_precision(args, precision: str, model_path: str, tmp: str, env: dict) 
         peers += [best["trl_packed"]] if probe["correct"] else []
     peer = max(peers, key=lambda r: r["tokens_per_s"])
     speedup = steer["tokens_per_s"] / peer["tokens_per_s"]
-    print(f"  speedup steerlm vs {peer['trainer']} (the fastest correct TRL row): {speedup:.2f}x")
+    for r in peers:
+        print(f"  steerlm vs {r['trainer']}: {steer['tokens_per_s'] / r['tokens_per_s']:.2f}x")
+    print(f"  speedup steerlm vs {peer['trainer']} (the fastest correct TRL setting): {speedup:.2f}x")
     return {"precision": precision, "rows": rows, "peer": peer["trainer"], "speedup": speedup}
 
 
@@ -332,17 +339,17 @@ def main() -> None:
     ap.add_argument("--conversations-per-step", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--precision", choices=["bf16", "fp32", "both"], default="bf16")
-    ap.add_argument("--trl-micro-batch", type=int, default=1, help="TRL padded side's per-device batch size")
+    ap.add_argument("--trl-micro-batches", default="1,2,4", help="TRL padded side's per-device batch sizes swept")
     ap.add_argument("--no-trl-packing", action="store_true", help="skip the TRL packing=True row")
-    ap.add_argument("--rounds", type=int, default=1, help="runs of each side, alternating order")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every side, alternating order")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trl_worker:
         return trl_worker(args)
-    if args.conversations_per_step % args.trl_micro_batch:
-        sys.exit("--conversations-per-step must be a multiple of --trl-micro-batch")
+    if any(args.conversations_per_step % int(m) for m in args.trl_micro_batches.split(",")):
+        sys.exit("--conversations-per-step must be a multiple of every --trl-micro-batches value")
 
     from steerlm.models.embedded import resolve_model_path
 
