@@ -195,7 +195,7 @@ def main() -> None:
     import torch
 
     from steerlm.stages.evaluate import load_prompts
-    from steerlm.stages.generate import SteerableModel
+    from steerlm.steerable import SteerableModel
 
     torch.set_num_threads(args.threads)
     sizes = [int(b) for b in args.hf_batch_sizes.split(",")]

@@ -113,7 +113,7 @@ def test_duplicate_key_in_a_labeled_parquet_turns_column(capsys, tmp_path):
 
 
 def test_duplicate_key_in_a_prompts_file(capsys, tmp_path):
-    from steerlm.stages.generate import read_prompts_file
+    from steerlm.steerable import read_prompts_file
 
     path = tmp_path / "p.jsonl"
     path.write_text(lines({"prompt": "a"}, '{"prompt": "b", "prompt": "c"}'))
@@ -122,7 +122,7 @@ def test_duplicate_key_in_a_prompts_file(capsys, tmp_path):
 
 
 def test_fractional_attribute_request_is_refused_not_rounded(capsys):
-    from steerlm.stages.generate import resolve_attributes
+    from steerlm.steerable import resolve_attributes
 
     card = {"steerable_attributes": ["verbosity"], "default_attributes": {"verbosity": 2}}
     assert resolve_attributes(card, S9, {"verbosity": 3}) == {"verbosity": 3.0}

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import run_recipe, tiny_sft_overrides
 from steerlm.errors import ConfigError, DataError
-from steerlm.stages.generate import SteerableModel, read_prompts_file
+from steerlm.steerable import SteerableModel, read_prompts_file
 
 HS2_ATTRS = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
 PROMPTS = ["What is DNS?", "Write a short poem about the sea, with rhymes, in three stanzas please.",

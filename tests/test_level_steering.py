@@ -115,7 +115,7 @@ def test_sft_saves_level_steering_in_both_checkpoints(steered_sft, tmp_path):
 
 def test_generate_and_conditioning_follow_the_level_vectors(steered_sft):
     from steerlm.conditioning import measure
-    from steerlm.stages.generate import SteerableModel
+    from steerlm.steerable import SteerableModel
 
     torch.set_num_threads(1)
     policy = SteerableModel.load(str(steered_sft / "model"), device="cpu")
@@ -187,7 +187,7 @@ def test_generate_recipe_steers_only_the_attributes_it_is_given(steered_sft, tmp
 def test_server_applies_the_checkpoint_vectors_like_generate(steered_sft):
     from test_serve import chat, post, serve
 
-    from steerlm.stages.generate import SteerableModel
+    from steerlm.steerable import SteerableModel
 
     torch.set_num_threads(1)
     policy = SteerableModel.load(str(steered_sft / "model"), device="cpu")

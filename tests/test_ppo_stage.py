@@ -43,7 +43,7 @@ def test_ppo_cli_trains_logs_and_exports(models):
     assert card["ppo"]["steps"] == 3 and card["lora"] is False and (out / "model" / "model.safetensors").exists()
     from transformers import AutoModelForSequenceClassification
 
-    from steerlm.stages.generate import SteerableModel
+    from steerlm.steerable import SteerableModel
 
     assert SteerableModel.load(str(out / "model")).generate(["hi"], max_new_tokens=3)[0]["tokens"] <= 3
     critic = AutoModelForSequenceClassification.from_pretrained(out / "critic")

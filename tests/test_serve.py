@@ -45,7 +45,7 @@ def server(sft):
 
 @pytest.fixture(scope="module")
 def policy(sft):
-    from steerlm.stages.generate import SteerableModel
+    from steerlm.steerable import SteerableModel
 
     return SteerableModel.load(str(sft), device="cpu")
 

@@ -140,7 +140,7 @@ def test_capture_matches_hidden_states_and_counts_cached_positions(lm):
 # ===== steered generation and attribute vectors on the tiny SFT model ============================
 @pytest.fixture(scope="module")
 def policy(tiny_model_dir, tmp_path_factory):
-    from steerlm.stages.generate import SteerableModel
+    from steerlm.steerable import SteerableModel
     from test_generate import train_tiny_sft
 
     path = train_tiny_sft(tiny_model_dir, tmp_path_factory)

@@ -78,7 +78,7 @@ def test_gate_and_router_save_load(tmp_path):
 
 def test_gated_router_specs_drive_per_prompt_generation(tiny_model_dir, tmp_path_factory):
     """Prompt activations -> gate + router -> one spec per prompt (None where the gate is closed) -> generate."""
-    from steerlm.stages.generate import SteerableModel
+    from steerlm.steerable import SteerableModel
     from steerlm.steering.adaptive import adaptive_specs, prompt_activations
     from test_generate import train_tiny_sft
 

@@ -26,7 +26,7 @@ PLAIN_CARD = {"format": {"template": "hf", "stop_strings": []}, "steerable_attri
 
 def base_model(policy, path: str):
     """A SteerableModel of the policy's base: the plain chat template, no attribute segment."""
-    from .stages.generate import SteerableModel
+    from .steerable import SteerableModel
 
     model = load_causal_lm(path, dtype=next(policy.model.parameters()).dtype).to(policy.device).eval()
     return SteerableModel(model, policy.tokenizer, policy.schema, dict(PLAIN_CARD), policy.device)

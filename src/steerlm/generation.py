@@ -1,4 +1,4 @@
-"""Continuous-batching decoding: `DecodeLoop`, behind `SteerableModel.generate` (stages/generate.py) and the
+"""Continuous-batching decoding: `DecodeLoop`, behind `SteerableModel.generate` (steerlm/steerable.py) and the
 server's engine (server/engine.py), which submits requests while the loop runs.
 
 Why not HF `generate` on fixed batches (profiled on the 2-core CPU, SmolLM2-135M fp32, 16 rows, one

@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import ConfigError
-from ..stages.generate import PromptError
+from ..steerable import PromptError
 from ..steering.levels import merge as merge_specs
 from ..steering.ops import SteeringSpec
 from ..templates import END_OF_TURN

@@ -42,7 +42,7 @@ from .. import baselines as bl
 from .. import sweep
 from ..scoring import RewardScorer, ScoreStats
 from ..steerability import format_ci, format_side_effects, sample_measures
-from .generate import SteerableModel, steering_spec
+from ..steerable import SteerableModel, steering_spec
 
 
 # ===== inputs ====================================================================================

@@ -20,7 +20,7 @@ from ..logging import print0
 from ..ppo_math import scalar_reward, standardisation
 from ..scoring import ScoreStats
 from . import evaluate as steer_eval
-from .generate import SteerableModel
+from ..steerable import SteerableModel
 
 
 # ===== reward: (w · RM(x, y) − μ) / σ =============================================================

@@ -32,15 +32,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
 from ..attributes import get_schema, weights_vector
-from ..data.batching import global_batches, micro_batches, pad_token_batch, rank_slice
+from ..data.batching import micro_batches, pad_token_batch, rank_slice
 from ..data.sources import load_mixture, load_preference_pairs
 from ..data.split import split_by_group
 from ..engines import torch_engine as te
@@ -50,7 +51,7 @@ from ..logging import MetricLogger, print0
 from ..losses import PAIR_LOSSES, bradley_terry, masked_mse, scalarize
 from ..metrics import beats_baseline, format_table, pairwise_accuracy, regression_metrics
 from ..models.reward_model import check_checkpoint_schema, load_reward_model, load_tokenizer
-from .training import maybe_resume, prepare_run, run_distributed, save_state
+from .training import StepLoop, StepResult, prepare_run, run_distributed
 from . import reward_data as rd
 from ..scoring import RM_CARD
 from .reward_forward import FeatureCache, RewardForward
@@ -61,7 +62,53 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
-    # ===== Setup ==============================================================================
+    rs = setup(cfg, info)
+    loop = StepLoop(cfg, info, rs.model, rs.optimizer, n_items=len(rs.train_items), run_dir=rs.run_dir,
+                    logger=rs.logger, desc="reward", trainable_only=rs.frozen, strict_resume=not rs.frozen,
+                    sum_over_ranks=not rs.frozen, echo=not rs.frozen)
+    print0(f"reward: {len(rs.train_items)} train {'pairs' if rs.pair_objective else 'samples'}, "
+           f"{len(rs.data['val'])} val samples, {loop.total_steps} steps of {loop.global_batch}, "
+           f"strategy={rs.strategy}, world={info.world_size}, frozen_backbone={rs.frozen}")
+    lengths = [len(x["input_ids"]) if "input_ids" in x else len(x["chosen_ids"]) + len(x["rejected_ids"])
+               for x in rs.train_items]
+
+    def evaluate_now(step: int) -> None:
+        rs.logger.log(flatten_eval(evaluate(rs.forward, rs.data, rs.schema, cfg, rs.order)), step)
+        te.reshard(rs.model)  # FSDP2: drop the unsharded copy the eval forward left behind
+
+    totals = loop.run(lambda epoch: lengths, cfg.train.group_by_length,
+                      lambda step, epoch, gb: train_step(rs, cfg, step, gb), evaluate=evaluate_now)
+    results = evaluate(rs.forward, rs.data, rs.schema, cfg, rs.order)
+    rs.logger.log(flatten_eval(results), loop.step, echo=False)
+    summary = export(rs, cfg, info, results, steps=loop.step, train_time=loop.train_time, tokens=totals["tokens"],
+                     t_start=t_start)
+    rs.logger.close()
+    return {"summary": summary, "eval": results}
+
+
+@dataclass
+class RewardRun:
+    """Everything a reward step and the export need, built once by `setup`."""
+    strategy: str
+    amp_dtype: object
+    run_dir: Path
+    schema: object
+    pair_objective: bool
+    tokenizer: object
+    data: dict
+    order: LengthOrder
+    rm: object               # the reward model (its HF skeleton and head export)
+    model: object            # what the optimizer steps (the wrapped rm; the rm itself when frozen)
+    forward: RewardForward
+    optimizer: object
+    logger: MetricLogger
+    train_items: list
+    pair_w: torch.Tensor
+    frozen: bool
+    pipelined: bool
+
+
+def setup(cfg: DictConfig, info: te.DistInfo) -> RewardRun:
     strategy, amp_dtype, run_dir = prepare_run(cfg, info)
     schema = get_schema(cfg.schema)
     pair_objective = cfg.loss.type in PAIR_LOSSES
@@ -96,132 +143,88 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     forward = RewardForward(rm, model, info, amp_dtype, pad_id=tokenizer.pad_token_id)
     if frozen:  # one sharded pass over every input, then the head trains on cached features
         forward.cache = FeatureCache.build(forward, data, run_dir / "cache", cfg, logger)
-
     optimizer = te.build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas),
                                    distributed=strategy == "megatron" and bool(cfg.engine.get("distributed_optimizer", True)))
     if hasattr(optimizer, "describe"):
         print0(optimizer.describe())
-    train_items = data["train_pairs"] if pair_objective else data["train"]
-    lengths = [len(x["input_ids"]) if "input_ids" in x else len(x["chosen_ids"]) + len(x["rejected_ids"])
-               for x in train_items]
-    G = cfg.train.global_batch_size
-    steps_per_epoch = math.ceil(len(train_items) / G)
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, te.lr_lambda(
-        cfg.optim.schedule, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
-    pair_w = torch.tensor(pair_weights(cfg, schema), device=info.device)
-
-    step, epoch, start_batch = maybe_resume(cfg.resume, run_dir, model, optimizer, scheduler, strict=not frozen)
-
-    # ===== Training ===========================================================================
-    print0(f"reward: {len(train_items)} train {'pairs' if pair_objective else 'samples'}, "
-           f"{len(data['val'])} val samples, {total_steps} steps of {G}, strategy={strategy}, "
-           f"world={info.world_size}, frozen_backbone={frozen}")
-    sharded = not frozen  # frozen: every rank trains the (tiny) head on all features identically
-    world = info.world_size if sharded else 1
-    mbs = cfg.train.micro_batch_size
-    bar = tqdm(total=total_steps, initial=step, desc="reward", disable=not info.is_main, dynamic_ncols=True)
-    t_train, tokens_seen = time.time(), 0
     pipelined = getattr(model, "pipelined", False) and not frozen  # frozen: the head trains on cached features
     if order and pipelined:
         raise ConfigError("loss.length_order: not with pipeline parallelism (pp > 1)")
-    while step < total_steps:
-        batches = global_batches(lengths, G, seed=cfg.seed, epoch=epoch, group_by_length=cfg.train.group_by_length)
-        for b in range(start_batch, len(batches)):
-            t0 = time.time()
-            gb = batches[b]
-            local = rank_slice(gb, info.rank, world) if sharded else gb
-            n_micro = math.ceil(math.ceil(len(gb) / world) / mbs)
-            chunks = micro_batches(local, mbs)
-            loss_sum, tokens, order_loss = 0.0, 0, None
-            model.train()
-            # every rank runs the same number of micro-batches (collectives must match);
-            # a rank whose share ran out repeats a sample with weight 0
-            parts = [(chunks[j], 1.0) if j < len(chunks) else ([gb[0]], 0.0) for j in range(n_micro)]
-            if pipelined:  # Megatron PP: the schedule runs all of the step's micro-batches
-                with te.autocast(info.device, amp_dtype):
-                    sums, toks = pipelined_losses(model, [[train_items[i] for i in idx] for idx, _ in parts],
-                                                  [w * world / len(gb) for _, w in parts], cfg, pair_w,
-                                                  tokenizer.pad_token_id, info.device)
-                model.finish_grads()
-                loss_sum = sum(v * w for v, (_, w) in zip(sums, parts))
-                tokens = sum(t for t, (_, w) in zip(toks, parts) if w)
-            else:
-                for j, (idx, weight) in enumerate(parts):
-                    with te.grad_sync_context(model, strategy if sharded else "single", sync=j == n_micro - 1):
-                        with te.autocast(info.device, amp_dtype):
-                            per_item, n_tok = item_losses(forward, [train_items[i] for i in idx], cfg, pair_w)
-                            loss = per_item.sum() * (weight * world / len(gb))
-                            if order and j == n_micro - 1:  # + λ · mean hinge over the step's pairs (this rank's share)
-                                pairs = order.step_pairs(step)
-                                term = order.loss(forward, pairs[info.rank::world]) if sharded else order.loss(forward, pairs)
-                                loss = loss + term * (world / len(pairs))
-                                order_loss = float(term.detach()) / len(pairs)
-                        loss.backward()
-                    loss_sum += float(per_item.detach().sum()) * weight
-                    tokens += n_tok if weight else 0
-            grad_norm = te.clip_grad_norm(model, cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_total, tokens_total = te.all_reduce_sum([loss_sum, tokens], info.device) if sharded else (loss_sum, tokens)
-            tokens_seen += tokens_total
-            dt = time.time() - t0
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                logger.log({"train/loss": loss_total / len(gb), "train/lr": scheduler.get_last_lr()[0],
-                            "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_total / dt,
-                            "train/peak_mem_mb": te.peak_memory_mb(info.device), "train/epoch": epoch,
-                            **({"train/length_order_loss": order_loss} if order_loss is not None else {})}, step,
-                           echo=not frozen)
-            bar.update(1)
-            if cfg.train.save_every > 0 and step % cfg.train.save_every == 0 and step < total_steps:
-                save_state(run_dir, step, model, optimizer, scheduler, epoch=epoch, next_batch=b + 1,
-                           n_batches=len(batches), info=info, keep_last=cfg.train.keep_checkpoints,
-                           trainable_only=cfg.model.freeze_backbone)
-            if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps:
-                logger.log(flatten_eval(evaluate(forward, data, schema, cfg, order)), step)
-                te.reshard(model)  # FSDP2: drop the unsharded copy the eval forward left behind
-            if step >= total_steps:
-                break
-        epoch, start_batch = epoch + 1, 0
-    bar.close()
-    train_time = time.time() - t_train
+    return RewardRun(strategy, amp_dtype, run_dir, schema, pair_objective, tokenizer, data, order, rm, model, forward,
+                     optimizer, logger, data["train_pairs"] if pair_objective else data["train"],
+                     torch.tensor(pair_weights(cfg, schema), device=info.device), frozen, pipelined)
 
-    # ===== Evaluation and export ==============================================================
-    results = evaluate(forward, data, schema, cfg, order)
-    logger.log(flatten_eval(results), step, echo=False)
-    model_state = te.full_model_state(model)
+
+def train_step(rs: RewardRun, cfg: DictConfig, step: int, gb: list[int]) -> StepResult:
+    """One global batch: this rank's share in micro-batches (forward + backward), the step loss = mean over gb."""
+    info, model, items = rs.forward.info, rs.model, rs.train_items
+    world = 1 if rs.frozen else info.world_size  # frozen: every rank trains the (tiny) head on all features alike
+    local = gb if rs.frozen else rank_slice(gb, info.rank, world)
+    n_micro = math.ceil(math.ceil(len(gb) / world) / cfg.train.micro_batch_size)
+    chunks = micro_batches(local, cfg.train.micro_batch_size)
+    # every rank runs the same number of micro-batches (collectives must match); a rank whose share ran out
+    # repeats a sample with weight 0
+    parts = [(chunks[j], 1.0) if j < len(chunks) else ([gb[0]], 0.0) for j in range(n_micro)]
+    loss_sum, tokens, metrics = 0.0, 0, {}
+    if rs.pipelined:  # Megatron PP: the schedule runs all of the step's micro-batches
+        with te.autocast(info.device, rs.amp_dtype):
+            sums, toks = pipelined_losses(model, [[items[i] for i in idx] for idx, _ in parts],
+                                          [w * world / len(gb) for _, w in parts], cfg, rs.pair_w,
+                                          rs.tokenizer.pad_token_id, info.device)
+        model.finish_grads()
+        return StepResult(sum(v * w for v, (_, w) in zip(sums, parts)),
+                          sum(t for t, (_, w) in zip(toks, parts) if w), len(gb))
+    for j, (idx, weight) in enumerate(parts):
+        with te.grad_sync_context(model, "single" if rs.frozen else rs.strategy, sync=j == n_micro - 1):
+            with te.autocast(info.device, rs.amp_dtype):
+                per_item, n_tok = item_losses(rs.forward, [items[i] for i in idx], cfg, rs.pair_w)
+                loss = per_item.sum() * (weight * world / len(gb))
+                if rs.order and j == n_micro - 1:  # + λ · mean hinge over the step's pairs (this rank's share)
+                    pairs = rs.order.step_pairs(step)
+                    term = rs.order.loss(rs.forward, pairs if rs.frozen else pairs[info.rank::world])
+                    loss = loss + term * (world / len(pairs))
+                    metrics["train/length_order_loss"] = float(term.detach()) / len(pairs)
+            loss.backward()
+        loss_sum += float(per_item.detach().sum()) * weight
+        tokens += n_tok if weight else 0
+    return StepResult(loss_sum, tokens, len(gb), metrics=metrics)
+
+
+def export(rs: RewardRun, cfg: DictConfig, info: te.DistInfo, results: dict, *, steps: int, train_time: float,
+           tokens: int, t_start: float) -> dict:
+    """summary.json, eval_metrics.json and the HF model with its RM card (rank 0); returns the summary."""
+    model_state = te.full_model_state(rs.model)  # collective under FSDP2: every rank calls it
     summary = {
-        "steps": step, "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - t_start, 2),
-        "train_tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1), "train_tokens": tokens_seen,
-        "feature_tokens_per_s": forward.cache.tokens_per_s if forward.cache else None,
+        "steps": steps, "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - t_start, 2),
+        "train_tokens_per_s": round(tokens / max(train_time, 1e-9), 1), "train_tokens": tokens,
+        "feature_tokens_per_s": rs.forward.cache.tokens_per_s if rs.forward.cache else None,
         "peak_mem_mb": round(te.peak_memory_mb(info.device), 1), "world_size": info.world_size,
         "tensor_parallel": getattr(info, "tp", 1), "pipeline_parallel": getattr(info, "pp", 1),
         "sequence_parallel": getattr(info, "sequence_parallel", False),
-        "strategy": strategy, "frozen_backbone": frozen, "data": data["reports"],
+        "strategy": rs.strategy, "frozen_backbone": rs.frozen, "data": rs.data["reports"],
     }
-    if info.is_main:
-        card = {"template": cfg.template, "max_length": cfg.max_length, "loss": cfg.loss.type,
-                "trained_attributes": data["trained_attributes"], "train_label_means": data["train_means"],
-                "train_label_counts": data["train_counts"],
-                # frozen backbone: the features in run_dir/cache are this RM's; a scorer may reuse them (label stage)
-                "feature_fingerprint": forward.cache.fingerprint if forward.cache else None,
-                "pair_weights": pair_w.tolist(), "eval": results}
-        hf_state = {k.removeprefix("hf_model."): v for k, v in model_state.items()}
-        ckpt.save_hf_model(rm.hf_model, hf_state, run_dir / "model", tokenizer=tokenizer, schema=schema,
-                           extra_json={RM_CARD: card})
-        (run_dir / "eval_metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print0(format_table(results["attributes"]))
-        for name, acc in results["pairwise_accuracy"].items():
-            print0(f"pairwise accuracy [{name}]: {acc['accuracy']} over {acc['pairs']} pairs")
-        print0(f"beats the train-mean baseline on: {results['beats_baseline'] or 'none'}")
-        if "length_order" in results:
-            print0(f"length order [{order.attribute}]: {json.dumps(results['length_order'])}")
-        print0(f"model written to {run_dir / 'model'} ({summary['wall_time_s']} s, peak {summary['peak_mem_mb']} MB)")
-    logger.close()
-    return {"summary": summary, "eval": results}
+    if not info.is_main:
+        return summary
+    data, run_dir = rs.data, rs.run_dir
+    card = {"template": cfg.template, "max_length": cfg.max_length, "loss": cfg.loss.type,
+            "trained_attributes": data["trained_attributes"], "train_label_means": data["train_means"],
+            "train_label_counts": data["train_counts"],
+            # frozen backbone: the features in run_dir/cache are this RM's; a scorer may reuse them (label stage)
+            "feature_fingerprint": rs.forward.cache.fingerprint if rs.forward.cache else None,
+            "pair_weights": rs.pair_w.tolist(), "eval": results}
+    hf_state = {k.removeprefix("hf_model."): v for k, v in model_state.items()}
+    ckpt.save_hf_model(rs.rm.hf_model, hf_state, run_dir / "model", tokenizer=rs.tokenizer, schema=rs.schema,
+                       extra_json={RM_CARD: card})
+    (run_dir / "eval_metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print0(format_table(results["attributes"]))
+    for name, acc in results["pairwise_accuracy"].items():
+        print0(f"pairwise accuracy [{name}]: {acc['accuracy']} over {acc['pairs']} pairs")
+    print0(f"beats the train-mean baseline on: {results['beats_baseline'] or 'none'}")
+    if "length_order" in results:
+        print0(f"length order [{rs.order.attribute}]: {json.dumps(results['length_order'])}")
+    print0(f"model written to {run_dir / 'model'} ({summary['wall_time_s']} s, peak {summary['peak_mem_mb']} MB)")
+    return summary
 
 
 # ===== Pieces ====================================================================================

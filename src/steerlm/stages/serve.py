@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..logging import print0
 from ..server.app import Limits, create_app
 from ..server.engine import Engine
-from .generate import SteerableModel
+from ..steerable import SteerableModel
 
 
 def build(cfg: DictConfig):

@@ -30,17 +30,15 @@ Raises:
 from __future__ import annotations
 
 import json
-import math
 import time
-
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from ..attributes import get_schema
-from ..data.batching import global_batches
 from ..data.length_cuts import length_cut_copies
 from ..data.packing import collate_packed, collate_padded
 from ..data.sources import load_mixture, require_input_schemas
@@ -56,7 +54,7 @@ from ..models.reward_model import load_tokenizer
 from ..sft_template import SFTFormat, encode_conversation
 from ..steering import levels
 from ..steering import trained_levels
-from .training import maybe_resume, prepare_run, run_distributed, save_state
+from .training import StepLoop, StepResult, prepare_run, run_distributed
 from . import sft_data as sd
 
 
@@ -66,29 +64,96 @@ def run(cfg: DictConfig) -> dict:
 
 def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
     # ===== Setup ==============================================================================
+    run = setup(cfg, info)
+    loop = StepLoop(cfg, info, run.model, run.optimizer, n_items=len(run.train), run_dir=run.run_dir,
+                    logger=run.logger, desc="sft", trainable_only=run.lora, strict_resume=not run.lora)
+    print0(f"sft: {len(run.train)} train / {len(run.data['val'])} val conversations, {loop.total_steps} steps of "
+           f"{loop.global_batch}, packing={cfg.packing} (rows <= {effective_pack_length(cfg)} tokens), "
+           f"lora={run.lora} ({run.n_trainable:,} trainable params), strategy={run.strategy}, "
+           f"world={info.world_size}, steerable={run.data['steerable']}")
+
+    # ===== Training ===========================================================================
+    epoch = {}  # the current epoch's encodings (attribute dropout is re-drawn every epoch) and level offsets
+
+    def epoch_lengths(e: int) -> list[int]:
+        epoch["enc"] = sd.encode_epoch(run.train, run.fmt, run.tokenizer, run.schema, dropout=cfg.attribute_dropout,
+                                       seed=cfg.seed, epoch=e)
+        epoch["offsets"] = None if run.trained is None else sd.level_offsets_epoch(
+            run.train, epoch["enc"], run.trained.attributes, run.trained.centers, dropout=cfg.attribute_dropout,
+            seed=cfg.seed, epoch=e)
+        run.contrast.start_epoch(e)
+        return [len(ids) for ids, _ in epoch["enc"]]
+
+    def evaluate_now(step: int) -> None:
+        if run.data["val"]:
+            run.logger.log({"validation/loss": evaluate_loss(run.model, run.data["val"], cfg, info, run.pad_id,
+                                                             run.amp_dtype, run.trained)}, step)
+            run.conditioning.log(run.model, run.logger, step, loop.totals["trained"])
+
+    def log_metrics() -> dict:
+        norms = run.trained.norms() if run.trained is not None else {}
+        return {**run.contrast.pop_metrics(info.device), **{f"train/level_vector_norm/{a}": n for a, n in norms.items()}}
+
+    if loop.step == 0:
+        run.conditioning.log(run.model, run.logger, 0, 0)  # the base model: where the curve starts
+    # unpacked rows pad to the longest in a micro-batch: group similar lengths; packed rows need no grouping
+    group_by_length = (not cfg.packing) if cfg.train.group_by_length is None else bool(cfg.train.group_by_length)
+    totals = loop.run(epoch_lengths, group_by_length, lambda step, e, gb: train_step(run, cfg, info, epoch, gb),
+                      evaluate=evaluate_now, metrics=log_metrics)
+
+    # ===== Evaluation and export ==============================================================
+    val_loss = evaluate_loss(run.model, run.data["val"], cfg, info, run.pad_id, run.amp_dtype, run.trained)
+    if val_loss is not None:  # None: nothing held out
+        run.logger.log({"validation/loss": val_loss}, loop.step)
+    conditioning = run.conditioning.log(run.model, run.logger, loop.step, totals["trained"])
+    summary = export(run, cfg, info, steps=loop.step, train_time=loop.train_time, totals=totals, val_loss=val_loss,
+                     conditioning=conditioning, t_start=t_start)
+    run.logger.close()
+    return {"summary": summary}
+
+
+@dataclass
+class SFTRun:
+    """Everything an SFT step and the export need, built once by `setup`."""
+    strategy: str
+    amp_dtype: object
+    run_dir: Path
+    schema: object
+    fmt: SFTFormat
+    lora: bool
+    tokenizer: object
+    pad_id: int
+    data: dict
+    train: list
+    level_data: object       # the post-hoc level vectors' data (None: off or trained)
+    val_ids: set
+    hf_model: object         # the HF model the export writes (Megatron: the skeleton it converts back to)
+    model: object            # what the optimizer steps (wrapped)
+    contrast: "LabelContrast"
+    trained: Optional[trained_levels.TrainedLevels]
+    optimizer: object
+    n_trainable: int
+    logger: MetricLogger
+    conditioning: "ConditioningProbe"
+    end_ids: Optional[torch.Tensor]
+    end_weight: float
+
+
+def setup(cfg: DictConfig, info: te.DistInfo) -> SFTRun:
     strategy, amp_dtype, run_dir = prepare_run(cfg, info)
     schema = get_schema(cfg.schema)
     fmt = SFTFormat.from_dict({"template": cfg.template, **OmegaConf.to_container(cfg.sft_format, resolve=True)})
     lora = bool(cfg.model.lora.enabled)
-    pack_length = effective_pack_length(cfg)
-
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.pad_token)
     data = setup_data(cfg, schema, tokenizer, fmt)
     level_data = levels.check_for_run(cfg.get("level_steering"), OmegaConf.to_container(cfg.data.train, resolve=True),
                                       data["steerable"])  # the vectors' data (None: off), checked before training
-    attn = cfg.model.attn_implementation
-    if cfg.packing and attn == "sdpa":  # per-conversation causal sdpa instead of a block-diagonal mask
-        attn = packed_attention.register()
-    model = load_causal_lm(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), attn_implementation=attn)
-    if cfg.model.gradient_checkpointing and strategy != "megatron":  # Megatron: recompute, in megatron_policy
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if lora and strategy != "megatron":  # Megatron adds its own LoRA to its parallel linears (megatron_policy)
-        model = apply_lora(model, OmegaConf.to_container(cfg.model.lora, resolve=True))
-    if strategy == "megatron":  # TP-sharded GPTModel; exported back to this HF model's layout
-        model = megatron_policy(cfg, model, info)
+    end_weight = float(cfg.get("end_of_turn_weight", 1.0))
+    model = load_policy_model(cfg, strategy, info)
     val_ids = {c["id"] for c in data["val_conversations"]}
     contrast = LabelContrast(cfg, data["train"], tokenizer, fmt, schema, strategy, pad_id=tokenizer.pad_token_id)
+    if end_weight != 1.0 and (strategy == "megatron" or contrast.on):
+        raise ConfigError("end_of_turn_weight != 1 is a torch-engine option without the label contrast")
     trained = trained_levels.setup_for_run(  # level_steering.train: V learned with the SFT loss (None: off)
         cfg.get("level_steering"), level_data, model, tokenizer, fmt, schema, strategy=strategy,
         contrast=contrast.on, skip_ids=val_ids,
@@ -113,117 +178,73 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
                                    "weight_decay": 0.0})
     if hasattr(optimizer, "describe"):
         print0(optimizer.describe())
-    train = data["train"]
-    G = cfg.train.global_batch_size
-    steps_per_epoch = math.ceil(len(train) / G)
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, te.lr_lambda(
-        cfg.optim.schedule, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
-
-    step, epoch, start_batch = maybe_resume(cfg.resume, run_dir, model, optimizer, scheduler, strict=not lora)
-
-    # ===== Training ===========================================================================
-    print0(f"sft: {len(train)} train / {len(data['val'])} val conversations, {total_steps} steps of {G}, "
-           f"packing={cfg.packing} (rows <= {pack_length} tokens), lora={lora} ({n_trainable:,} trainable params), "
-           f"strategy={strategy}, world={info.world_size}, steerable={data['steerable']}")
-    world, pad_id = info.world_size, tokenizer.pad_token_id
-    # unpacked rows pad to the longest in a micro-batch: group similar lengths; packed rows need no grouping
-    group_by_length = (not cfg.packing) if cfg.train.group_by_length is None else bool(cfg.train.group_by_length)
     conditioning = ConditioningProbe(cfg, data, tokenizer, fmt, schema, info, amp_dtype, strategy, trained)
-    end_weight = float(cfg.get("end_of_turn_weight", 1.0))
-    end_ids = end_of_turn_ids(fmt, tokenizer) if end_weight != 1.0 else None
-    if end_weight != 1.0 and (strategy == "megatron" or contrast.on):
-        raise ConfigError("end_of_turn_weight != 1 is a torch-engine option without the label contrast")
-    totals = {"tokens": 0, "trained": 0, "padded": 0}
-    if step == 0:
-        conditioning.log(model, logger, step, 0)  # the base model: where the curve starts
-    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not info.is_main, dynamic_ncols=True)
-    t_train = time.time()
-    while step < total_steps:
-        enc = sd.encode_epoch(train, fmt, tokenizer, schema, dropout=cfg.attribute_dropout, seed=cfg.seed, epoch=epoch)
-        offsets = None if trained is None else sd.level_offsets_epoch(
-            train, enc, trained.attributes, trained.centers, dropout=cfg.attribute_dropout, seed=cfg.seed, epoch=epoch)
-        contrast.start_epoch(epoch)
-        lengths = [len(ids) for ids, _ in enc]
-        batches = global_batches(lengths, G, seed=cfg.seed, epoch=epoch, group_by_length=group_by_length)
-        for b in range(start_batch, len(batches)):
-            t0 = time.time()
-            gb = batches[b]
-            n_targets = sum(sum(enc[i][1]) for i in gb)  # N_B: trained tokens of the global batch
-            plan = sd.plan_step(gb, lengths, packing=cfg.packing, pack_length=pack_length, world_size=world,
-                                micro_batch_size=cfg.train.micro_batch_size)[info.rank]
-            model.train()
-            nll_sum, tokens, padded = 0.0, 0, 0
-            weights = [1.0 if rows else 0.0 for rows in plan]  # empty micro-batch: a weight-0 repeat keeps collectives in step
-            micro = [make_batch(rows or [[gb[0]]], enc, cfg.packing, pad_id, info.device, offsets) for rows in plan]
-            if getattr(model, "pipelined", False):  # Megatron PP: the 1F1B schedule runs the step's micro-batches
-                with te.autocast(info.device, amp_dtype):
-                    nlls = model.pipeline_nll(micro, [w * world / n_targets for w in weights])
-                model.finish_grads()
-            else:
-                nlls = []
-                n_contrast = contrast.count(gb)  # contrast pairs of the global batch: the term's normaliser
-                for j, batch in enumerate(micro):
-                    with te.grad_sync_context(model, strategy, sync=j == len(plan) - 1):
-                        with te.autocast(info.device, amp_dtype):
-                            if contrast.on:
-                                nll, c_loss = contrast.micro_step(model, plan[j] or [[gb[0]]], batch, info.device)
-                                loss = nll / n_targets + contrast.weight * c_loss / max(n_contrast, 1)
-                            else:
-                                if trained is not None:  # kept through backward: checkpointed layers recompute
-                                    trained.set_offsets(batch["level_offsets"])
-                                nll, _ = next_token_nll(model, batch, end_ids, end_weight)
-                                loss = nll / n_targets
-                        (loss * weights[j] * world).backward()
-                    nlls.append(float(nll.detach()))
-            for w, batch, nll in zip(weights, micro, nlls):
-                nll_sum += nll * w
-                tokens += int(batch["n_tokens"]) if w else 0
-                padded += batch["input_ids"].numel() if w else 0
-            grad_norm = te.clip_grad_norm(model, cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            nll_total, tok_total, pad_total = te.all_reduce_sum([nll_sum, tokens, padded], info.device)
-            totals["tokens"] += tok_total
-            totals["trained"] += n_targets
-            totals["padded"] += pad_total
-            dt = time.time() - t0
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                logger.log({"train/loss": nll_total / n_targets, "train/lr": scheduler.get_last_lr()[0],
-                            "train/grad_norm": grad_norm, "train/tokens_per_s": tok_total / dt,
-                            "train/trained_tokens_per_s": n_targets / dt,
-                            "train/packing_efficiency": tok_total / max(pad_total, 1),
-                            "train/peak_mem_mb": te.peak_memory_mb(info.device), "train/epoch": epoch,
-                            **contrast.pop_metrics(info.device),
-                            **({f"train/level_vector_norm/{a}": n for a, n in trained.norms().items()}
-                               if trained is not None else {})}, step)
-            bar.update(1)
-            if cfg.train.save_every > 0 and step % cfg.train.save_every == 0 and step < total_steps:
-                save_state(run_dir, step, model, optimizer, scheduler, epoch=epoch, next_batch=b + 1,
-                           n_batches=len(batches), info=info, keep_last=cfg.train.keep_checkpoints,
-                           trainable_only=lora)
-            if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps and data["val"]:
-                logger.log({"validation/loss": evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype,
-                                                             trained)}, step)
-                conditioning.log(model, logger, step, totals["trained"])
-            if step >= total_steps:
-                break
-        epoch, start_batch = epoch + 1, 0
-    bar.close()
-    train_time = time.time() - t_train
+    return SFTRun(strategy, amp_dtype, run_dir, schema, fmt, lora, tokenizer, tokenizer.pad_token_id, data,
+                  data["train"], level_data, val_ids, hf_model, model, contrast, trained, optimizer, n_trainable, logger,
+                  conditioning, end_of_turn_ids(fmt, tokenizer) if end_weight != 1.0 else None, end_weight)
 
-    # ===== Evaluation and export ==============================================================
-    val_loss = evaluate_loss(model, data["val"], cfg, info, pad_id, amp_dtype, trained)  # None: none held out
-    if val_loss is not None:
-        logger.log({"validation/loss": val_loss}, step)
-    final_conditioning = conditioning.log(model, logger, step, totals["trained"])
-    state = te.full_model_state(model)  # collective under FSDP2
-    if trained is not None:  # V ships as the checkpoint's level steering, never inside the HF weights
+
+def load_policy_model(cfg: DictConfig, strategy: str, info: te.DistInfo):
+    """The policy to train: HF causal LM (+ gradient checkpointing, + peft LoRA), or Megatron's TP-sharded GPTModel."""
+    attn = cfg.model.attn_implementation
+    if cfg.packing and attn == "sdpa":  # per-conversation causal sdpa instead of a block-diagonal mask
+        attn = packed_attention.register()
+    model = load_causal_lm(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), attn_implementation=attn)
+    if strategy == "megatron":  # TP-sharded GPTModel with its own LoRA and recompute; exported back to this layout
+        return megatron_policy(cfg, model, info)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, OmegaConf.to_container(cfg.model.lora, resolve=True))
+    return model
+
+
+def train_step(run: SFTRun, cfg: DictConfig, info: te.DistInfo, epoch: dict, gb: list[int]) -> StepResult:
+    """One global batch: this rank's rows in micro-batches (forward + backward); loss = NLL / N_B, N_B = the
+    trained tokens of the whole global batch."""
+    model, contrast, trained, enc, world = run.model, run.contrast, run.trained, epoch["enc"], info.world_size
+    lengths = [len(ids) for ids, _ in enc]
+    n_targets = sum(sum(enc[i][1]) for i in gb)  # N_B: trained tokens of the global batch
+    plan = sd.plan_step(gb, lengths, packing=cfg.packing, pack_length=effective_pack_length(cfg), world_size=world,
+                        micro_batch_size=cfg.train.micro_batch_size)[info.rank]
+    weights = [1.0 if rows else 0.0 for rows in plan]  # empty micro-batch: a weight-0 repeat keeps collectives in step
+    micro = [make_batch(rows or [[gb[0]]], enc, cfg.packing, run.pad_id, info.device, epoch["offsets"])
+             for rows in plan]
+    if getattr(model, "pipelined", False):  # Megatron PP: the 1F1B schedule runs the step's micro-batches
+        with te.autocast(info.device, run.amp_dtype):
+            nlls = model.pipeline_nll(micro, [w * world / n_targets for w in weights])
+        model.finish_grads()
+    else:
+        nlls = []
+        n_contrast = contrast.count(gb)  # contrast pairs of the global batch: the term's normaliser
+        for j, batch in enumerate(micro):
+            with te.grad_sync_context(model, run.strategy, sync=j == len(plan) - 1):
+                with te.autocast(info.device, run.amp_dtype):
+                    if contrast.on:
+                        nll, c_loss = contrast.micro_step(model, plan[j] or [[gb[0]]], batch, info.device)
+                        loss = nll / n_targets + contrast.weight * c_loss / max(n_contrast, 1)
+                    else:
+                        if trained is not None:  # kept through backward: checkpointed layers recompute
+                            trained.set_offsets(batch["level_offsets"])
+                        nll, _ = next_token_nll(model, batch, run.end_ids, run.end_weight)
+                        loss = nll / n_targets
+                (loss * weights[j] * world).backward()
+            nlls.append(float(nll.detach()))
+    return StepResult(loss_sum=sum(nll * w for w, nll in zip(weights, nlls)),
+                      tokens=sum(int(b["n_tokens"]) for w, b in zip(weights, micro) if w),
+                      normaliser=n_targets,
+                      padded=sum(b["input_ids"].numel() for w, b in zip(weights, micro) if w))
+
+
+def export(run: SFTRun, cfg: DictConfig, info: te.DistInfo, *, steps: int, train_time: float, totals: dict,
+           val_loss: Optional[float], conditioning: Optional[dict], t_start: float) -> dict:
+    """model/ (+ merged/) with the card and level steering, summary.json, validation.jsonl (rank 0)."""
+    state = te.full_model_state(run.model)  # collective under FSDP2
+    if run.trained is not None:  # V ships as the checkpoint's level steering, never inside the HF weights
         state = {k: v for k, v in state.items() if trained_levels.MODULE_NAME not in k}
     summary = {
-        "steps": step, "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - t_start, 2),
+        "steps": steps, "train_time_s": round(train_time, 2), "wall_time_s": round(time.time() - t_start, 2),
         "tokens_per_s": round(totals["tokens"] / max(train_time, 1e-9), 1),
         "trained_tokens_per_s": round(totals["trained"] / max(train_time, 1e-9), 1),
         "packing_efficiency": round(totals["tokens"] / max(totals["padded"], 1), 4),
@@ -231,42 +252,40 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         "validation_loss": val_loss, "peak_mem_mb": round(te.peak_memory_mb(info.device), 1),
         "world_size": info.world_size, "tensor_parallel": getattr(info, "tp", 1),
         "pipeline_parallel": getattr(info, "pp", 1), "sequence_parallel": getattr(info, "sequence_parallel", False),
-        "strategy": strategy, "lora": lora,
-        "trainable_params": n_trainable,
-        "steerable_attributes": data["steerable"], "data": data["reports"],
-        "conditioning": final_conditioning,
+        "strategy": run.strategy, "lora": run.lora, "trainable_params": run.n_trainable,
+        "steerable_attributes": run.data["steerable"], "data": run.data["reports"], "conditioning": conditioning,
     }
-    if info.is_main:
-        card = make_card(fmt=fmt.to_dict(), schema=schema, steerable=data["steerable"],
-                         defaults=OmegaConf.to_container(cfg.default_attributes, resolve=True),
-                         base_model=str(cfg.model.path), max_length=cfg.max_length, lora=lora,
-                         extra={"attribute_dropout": cfg.attribute_dropout, "validation_loss": val_loss})
-        written = save_policy(run_dir / "model", hf_model=hf_model, state=state, tokenizer=tokenizer,
-                              schema=schema, card=card, lora=lora, base_path=str(cfg.model.path),
-                              save_merged=lora and cfg.model.lora.save_merged, dtype=getattr(torch, cfg.model.dtype))
-        if trained is not None:
-            steering = trained.level_steering({"init": str(cfg.level_steering.get("init", "mean_difference")),
-                                               "steps": step, "trained_tokens": totals["trained"]})
-            for d in written:
-                steering.save(d)
-            summary["level_steering"] = {**steering.describe(), "trained": True, "norms": trained.norms()}
-        else:
-            summary["level_steering"] = levels.save_for_run(
-                cfg.get("level_steering"), level_data, written, tokenizer, fmt, schema, device=info.device,
-                max_length=int(cfg.max_length or 512), skip_ids=val_ids)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        write_text_atomic(run_dir / "validation.jsonl", "".join(
-            json.dumps({k: c[k] for k in ("id", "group", "system", "source", "turns") if k in c}, ensure_ascii=False)
-            + "\n" for c in data["val_conversations"]))
-        schema.save(run_dir)  # validation.jsonl carries the schema, as every label file
-        print0(f"sft: validation loss {'n/a (no held-out conversations)' if val_loss is None else f'{val_loss:.4f}'}; {summary['tokens_per_s']} tokens/s (non-pad), packing "
-               f"efficiency {summary['packing_efficiency']:.1%}, peak {summary['peak_mem_mb']} MB")
-        print0(f"model written to {', '.join(str(p) for p in written)} ({summary['wall_time_s']} s)")
-    logger.close()
-    return {"summary": summary}
+    if not info.is_main:
+        return summary
+    card = make_card(fmt=run.fmt.to_dict(), schema=run.schema, steerable=run.data["steerable"],
+                     defaults=OmegaConf.to_container(cfg.default_attributes, resolve=True),
+                     base_model=str(cfg.model.path), max_length=cfg.max_length, lora=run.lora,
+                     extra={"attribute_dropout": cfg.attribute_dropout, "validation_loss": val_loss})
+    written = save_policy(run.run_dir / "model", hf_model=run.hf_model, state=state, tokenizer=run.tokenizer,
+                          schema=run.schema, card=card, lora=run.lora, base_path=str(cfg.model.path),
+                          save_merged=run.lora and cfg.model.lora.save_merged, dtype=getattr(torch, cfg.model.dtype))
+    if run.trained is not None:
+        steering = run.trained.level_steering({"init": str(cfg.level_steering.get("init", "mean_difference")),
+                                               "steps": steps, "trained_tokens": totals["trained"]})
+        for d in written:
+            steering.save(d)
+        summary["level_steering"] = {**steering.describe(), "trained": True, "norms": run.trained.norms()}
+    else:
+        summary["level_steering"] = levels.save_for_run(
+            cfg.get("level_steering"), run.level_data, written, run.tokenizer, run.fmt, run.schema, device=info.device,
+            max_length=int(cfg.max_length or 512), skip_ids=run.val_ids)
+    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(run.run_dir / "validation.jsonl", "".join(
+        json.dumps({k: c[k] for k in ("id", "group", "system", "source", "turns") if k in c}, ensure_ascii=False)
+        + "\n" for c in run.data["val_conversations"]))
+    run.schema.save(run.run_dir)  # validation.jsonl carries the schema, as every label file
+    loss_text = "n/a (no held-out conversations)" if val_loss is None else f"{val_loss:.4f}"
+    print0(f"sft: validation loss {loss_text}; {summary['tokens_per_s']} tokens/s (non-pad), packing "
+           f"efficiency {summary['packing_efficiency']:.1%}, peak {summary['peak_mem_mb']} MB")
+    print0(f"model written to {', '.join(str(p) for p in written)} ({summary['wall_time_s']} s)")
+    return summary
 
 
-# ===== Pieces ====================================================================================
 class LabelContrast:
     """`contrast.weight` > 0: a second term that teaches the label string directly. Per conversation, the last
     response y is also rendered with one attribute of its label moved to another level ℓ' (`contrast.other`), and

@@ -32,7 +32,7 @@ from ..scoring import RewardScorer, ScoreStats
 from ..steering import steer
 from ..steering.vectors import AttributeVectors
 from . import evaluate as ev
-from .generate import SteerableModel
+from ..steerable import SteerableModel
 from .steerlm2_data import encode_response
 
 METHODS = ("ac_sft", "activation", "both")

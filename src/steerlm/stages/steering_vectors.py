@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..engines import torch_engine as te
 from ..logging import print0
 from ..steering.vectors import build_attribute_vectors
-from .generate import SteerableModel
+from ..steerable import SteerableModel
 
 
 def run(cfg: DictConfig) -> dict:

@@ -39,7 +39,7 @@ from ..steerlm2_math import listwise_loss, target_weights
 from . import evaluate as steer_eval
 from . import steerlm2_data as sd
 from ..steering.levels import copy_level_steering
-from .generate import SteerableModel
+from ..steerable import SteerableModel
 
 
 def group_batch(group: dict, fmt, tokenizer, schema, device) -> dict:
