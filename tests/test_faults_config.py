@@ -110,7 +110,7 @@ def test_every_default_config_passes_the_checks():
     from steerlm.config_check import check_config
 
     for name in ("reward", "reward_full", "label", "sft", "evaluate", "generate", "serve", "ppo", "steerlm2",
-                 "steering_vectors", "compare_steering", "pipeline"):
+                 "steering_vectors", "compare_steering", "pipeline", "pipeline/steerable"):
         check_config(compose_cfg(name))
 
 

@@ -87,7 +87,8 @@ def test_checkpoint_resume_and_export(tiny_model_dir, tmp_path, hs2_labeled):
     common = (f"data.train=[{{format: canonical, path: {hs2_labeled}}}]", "level_steering.attributes=[verbosity]",
               "level_steering.train=true", "level_steering.max_per_side=8", "model.lora.save_merged=true")
     straight = tmp_path / "straight"
-    run_recipe("train_sft", *tiny_sft_overrides(tiny_model_dir, straight, *common, "train.max_steps=4"))
+    run_recipe("train_sft", *tiny_sft_overrides(tiny_model_dir, straight, *common, "train.max_steps=4",
+                                                "level_steering.inference_gain=2"))
     cut = tmp_path / "cut"
     run_recipe("train_sft", *tiny_sft_overrides(tiny_model_dir, cut, *common, "train.max_steps=2",
                                                 "train.save_every=2", "train.keep_checkpoints=2"))
@@ -96,6 +97,7 @@ def test_checkpoint_resume_and_export(tiny_model_dir, tmp_path, hs2_labeled):
     b = LevelSteering.load(cut / "model").vectors.vectors[V]
     layer = LevelSteering.load(straight / "model").layer
     assert torch.allclose(a[layer], b[layer], atol=1e-6)  # V and its optimizer state came back from the checkpoint
+    assert LevelSteering.load(straight / "model").gain == 2.0 and LevelSteering.load(cut / "model").gain == 1.0
     summary = json.loads((straight / "summary.json").read_text())["level_steering"]
     assert summary["trained"] and summary["norms"][V] > 0
     from steerlm.report import sft_section
@@ -141,3 +143,10 @@ def test_ddp_learns_the_same_vectors_as_one_process(tiny_model_dir, tmp_path, hs
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
     v1, v2 = one.vectors.vectors[V][one.layer], two.vectors.vectors[V][two.layer]
     assert v1.norm() > 0 and torch.allclose(v1, v2, atol=1e-6)  # measured: max |difference| 1.9e-9
+
+
+def test_inference_gain_without_trained_vectors_is_refused(tiny_model_dir, tmp_path, hs2_labeled):
+    proc = run_recipe("train_sft", *tiny_sft_overrides(
+        tiny_model_dir, tmp_path / "sft", f"data.train=[{{format: canonical, path: {hs2_labeled}}}]",
+        "level_steering.attributes=[verbosity]", "level_steering.inference_gain=2"), check=False)
+    assert_one_error(proc.returncode, proc.stderr, "level_steering.inference_gain", "level_steering.gain")

@@ -123,7 +123,7 @@ RULES: dict[str, Rule] = {
     "level_steering.gain": Num(0, lo_open=True), "level_steering.positions": Choice("all", "prompt", "generated"),
     "level_steering.max_per_side": POSITIVE,
     "level_steering.train": BOOL, "level_steering.init": Choice("mean_difference", "zeros"),
-    "level_steering.lr": Num(0, lo_open=True),
+    "level_steering.lr": Num(0, lo_open=True), "level_steering.inference_gain": Num(0, lo_open=True, null=True),
     "level_steering.center": Choice("midpoint", "train_mean"),
     "loss.length_order.ratio": Num(1, lo_open=True), "loss.length_order.margin": Num(0, lo_open=True),
     "loss.length_order.weight": Num(0), "loss.length_order.pairs_per_step": POSITIVE,

@@ -266,7 +266,8 @@ def export(run: SFTRun, cfg: DictConfig, info: te.DistInfo, *, steps: int, train
                           save_merged=run.lora and cfg.model.lora.save_merged, dtype=getattr(torch, cfg.model.dtype))
     if run.trained is not None:
         steering = run.trained.level_steering({"init": str(cfg.level_steering.get("init", "mean_difference")),
-                                               "steps": steps, "trained_tokens": totals["trained"]})
+                                               "steps": steps, "trained_tokens": totals["trained"]},
+                                              gain=float(cfg.level_steering.get("inference_gain") or 1.0))
         for d in written:
             steering.save(d)
         summary["level_steering"] = {**steering.describe(), "trained": True, "norms": run.trained.norms()}

@@ -62,12 +62,13 @@ class TrainedLevels(nn.Module):
         hidden = hidden + shift
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    def level_steering(self, meta: Optional[dict] = None) -> LevelSteering:
-        """The inference form: LevelSteering with v_a = V[a], gain 1, every position (what training applied)."""
+    def level_steering(self, meta: Optional[dict] = None, gain: float = 1.0) -> LevelSteering:
+        """The inference form: LevelSteering with v_a = V[a] at every position. Gain 1 applies what training applied;
+        a larger gain extrapolates the learned shift (sft.level_steering.inference_gain)."""
         w = self.weight.detach().float().cpu()
         vectors = AttributeVectors({a: {self.layer: w[k].clone()} for k, a in enumerate(self.attributes)},
                                    {"method": "trained with the SFT loss (sft.level_steering.train)", **(meta or {})})
-        return LevelSteering(vectors, self.layer, 1.0, dict(zip(self.attributes, self.centers)), "all")
+        return LevelSteering(vectors, self.layer, float(gain), dict(zip(self.attributes, self.centers)), "all")
 
     def norms(self) -> dict[str, float]:
         return {a: float(self.weight[k].detach().norm()) for k, a in enumerate(self.attributes)}
@@ -126,6 +127,9 @@ def setup_for_run(block, labeled: Optional[str], model: nn.Module, tokenizer, fm
     from ..errors import ConfigError
     from .levels import build_level_steering
 
+    if block is not None and block.get("inference_gain") is not None and not block.get("train", False):
+        raise ConfigError("level_steering.inference_gain is the gain of trained vectors (train=true); "
+                          "post-hoc vectors use level_steering.gain")
     if labeled is None or not block.get("train", False):
         return None
     if strategy not in ("single", "ddp"):
