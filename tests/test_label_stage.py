@@ -36,9 +36,10 @@ OASST_SPEC = {"format": "oasst", "path": OASST, "max_rows": 200}
 INPUT = f"input=[{{format: oasst, path: {OASST}, max_rows: 200}}]"
 MAX_LENGTH = 1024
 CHUNK = 4
-# a score computed in another batch (other neighbours, other padding) differs by fp32 noise: up to 1.2e-4 measured
-# on a 0.02 score with OMP_NUM_THREADS=1 for the whole test process
-FP32_BATCH_NOISE = 2.5e-4
+# a score computed in another batch (other neighbours, other padding) differs by fp32 noise. On the 2-core dev machine
+# (2026-12-08) it reached 1.2e-4 with OMP_NUM_THREADS=1 and 3.9e-4 (on a 0.40 score) with the default threads, at
+# 0ef86a7 as after it: the tiny random RM amplifies rounding; labels still agree away from rounding edges (asserted)
+FP32_BATCH_NOISE = 1e-3
 COMMON = [INPUT, f"chunk_size={CHUNK}", f"max_length={MAX_LENGTH}"]
 HS2_DATA = "data.train=[{format: helpsteer2, path: data/helpsteer2/helpsteer2_train_first100.jsonl}]"
 NO_HINT = {"HYDRA_FULL_ERROR": "0"}
