@@ -60,7 +60,9 @@ def build_model(size: str, root: Path) -> tuple[Path, int]:
 
 def run(command: str, overrides: list[str], gpu: bool, megatron: bool = False) -> tuple[subprocess.CompletedProcess, float]:
     if megatron and not gpu:  # megatron-core on CPU: the tests' gloo redirect (tests/megatron_recipe.py)
-        recipe = {"train-sft": "train_sft", "train-reward": "train_reward"}[command]
+        from steerlm.cli import COMMANDS
+
+        recipe = COMMANDS[command].job  # recipes/<job>.py
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                str(REPO / "tests" / "megatron_recipe.py"), recipe]
     elif megatron:

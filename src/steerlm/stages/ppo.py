@@ -115,6 +115,7 @@ class PPORun:
     prompt_counts: dict
     actor_opt: object
     critic_opt: object
+    gen_opts: dict           # cfg.generation, resolved once
     stats: Optional[ScoreStats] = None
 
 
@@ -157,7 +158,8 @@ def setup(cfg: DictConfig) -> PPORun:
     critic_opt = te.build_optimizer([p for p in critic.parameters() if p.requires_grad], cfg.optim.critic_lr,
                                     cfg.optim.weight_decay, tuple(cfg.optim.betas)) if critic is not None else None
     return PPORun(run_dir, device, amp, card, schema, tokenizer, w_list, weights, mean, std, std_src, actor, critic,
-                  scorer, gen, attributes, prompts, eval_prompts, prompt_counts, actor_opt, critic_opt)
+                  scorer, gen, attributes, prompts, eval_prompts, prompt_counts, actor_opt, critic_opt,
+                  OmegaConf.to_container(cfg.generation, resolve=True))
 
 
 @dataclass
@@ -181,7 +183,7 @@ def rollout(ctx: PPORun, cfg: DictConfig, step: int) -> Rollout:
     # 1. rollouts: the step's prompts (cycled), sampled from π_old with a per-step seed (resumable)
     batch_prompts = [ctx.prompts[((step - 1) * R + k) % len(ctx.prompts)] for k in range(R)]
     outs = ctx.gen.generate(batch_prompts, ctx.attributes, do_sample=True, progress=False,
-                            **{**OmegaConf.to_container(cfg.generation, resolve=True), "seed": int(cfg.seed) + step})
+                            **{**ctx.gen_opts, "seed": int(cfg.seed) + step})
     t_gen = time.time() - t0
     # 2. r(x, y) from the frozen RM
     keep, score = score_responses(ctx.scorer, batch_prompts, [o["text"] for o in outs], ctx.schema, ctx.weights,

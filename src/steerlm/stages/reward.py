@@ -77,7 +77,7 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
         te.reshard(rs.model)  # FSDP2: drop the unsharded copy the eval forward left behind
 
     totals = loop.run(lambda epoch: lengths, cfg.train.group_by_length,
-                      lambda step, epoch, gb: train_step(rs, cfg, step, gb), evaluate=evaluate_now)
+                      lambda step, epoch, gb: train_step(rs, cfg, info, step, gb), evaluate=evaluate_now)
     results = evaluate(rs.forward, rs.data, rs.schema, cfg, rs.order)
     rs.logger.log(flatten_eval(results), loop.step, echo=False)
     summary = export(rs, cfg, info, results, steps=loop.step, train_time=loop.train_time, tokens=totals["tokens"],
@@ -155,9 +155,9 @@ def setup(cfg: DictConfig, info: te.DistInfo) -> RewardRun:
                      torch.tensor(pair_weights(cfg, schema), device=info.device), frozen, pipelined)
 
 
-def train_step(rs: RewardRun, cfg: DictConfig, step: int, gb: list[int]) -> StepResult:
+def train_step(rs: RewardRun, cfg: DictConfig, info: te.DistInfo, step: int, gb: list[int]) -> StepResult:
     """One global batch: this rank's share in micro-batches (forward + backward), the step loss = mean over gb."""
-    info, model, items = rs.forward.info, rs.model, rs.train_items
+    model, items = rs.model, rs.train_items
     world = 1 if rs.frozen else info.world_size  # frozen: every rank trains the (tiny) head on all features alike
     local = gb if rs.frozen else rank_slice(gb, info.rank, world)
     n_micro = math.ceil(math.ceil(len(gb) / world) / cfg.train.micro_batch_size)

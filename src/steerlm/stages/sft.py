@@ -82,7 +82,8 @@ def _run(cfg: DictConfig, info: te.DistInfo, t_start: float) -> dict:
             run.train, epoch["enc"], run.trained.attributes, run.trained.centers, dropout=cfg.attribute_dropout,
             seed=cfg.seed, epoch=e)
         run.contrast.start_epoch(e)
-        return [len(ids) for ids, _ in epoch["enc"]]
+        epoch["lengths"] = [len(ids) for ids, _ in epoch["enc"]]
+        return epoch["lengths"]
 
     def evaluate_now(step: int) -> None:
         if run.data["val"]:
@@ -204,7 +205,7 @@ def train_step(run: SFTRun, cfg: DictConfig, info: te.DistInfo, epoch: dict, gb:
     """One global batch: this rank's rows in micro-batches (forward + backward); loss = NLL / N_B, N_B = the
     trained tokens of the whole global batch."""
     model, contrast, trained, enc, world = run.model, run.contrast, run.trained, epoch["enc"], info.world_size
-    lengths = [len(ids) for ids, _ in enc]
+    lengths = epoch["lengths"]
     n_targets = sum(sum(enc[i][1]) for i in gb)  # N_B: trained tokens of the global batch
     plan = sd.plan_step(gb, lengths, packing=cfg.packing, pack_length=effective_pack_length(cfg), world_size=world,
                         micro_batch_size=cfg.train.micro_batch_size)[info.rank]
